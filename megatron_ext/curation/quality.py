@@ -1,0 +1,117 @@
+"""Stage 1b: document quality rules in the style of Gopher (Rae et al., 2021) and C4.
+
+``QualityFilter.check(text)`` returns ``None`` for a document that passes, or the name of the
+first rule it fails (the name is what the report counts). Words are counted script-aware
+(``megatron_ext.curation.text``): each CJK/Thai character is a word, so the same thresholds
+apply to Chinese and Japanese.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from megatron_ext.curation.config import QualityConfig
+from megatron_ext.curation.text import is_unspaced_char, normalized_words, split_words
+
+_BULLETS = ("•", "●", "◦", "▪", "‣", "⁃", "∙", "·", "*", "-", "–", "—", "→", "►")
+
+
+class QualityFilter:
+    """The configured quality rules, applied in a fixed order."""
+
+    def __init__(self, config: QualityConfig):
+        self.config = config
+
+    def check(self, text: str) -> str | None:
+        cfg = self.config
+        if not cfg.enabled:
+            return None
+        lowered = text.casefold()
+        if cfg.reject_lorem_ipsum and "lorem ipsum" in lowered:
+            return "lorem_ipsum"
+        if cfg.reject_curly_braces and "{" in text:
+            return "curly_braces"
+        words = split_words(text)
+        num_words = len(words)
+        if num_words < cfg.min_words:
+            return "too_few_words"
+        if num_words > cfg.max_words:
+            return "too_many_words"
+        reason = self._check_words(text, words)
+        if reason:
+            return reason
+        reason = self._check_lines(text)
+        if reason:
+            return reason
+        return self._check_repetition(normalized_words(text))
+
+    def _check_words(self, text: str, words: list[str]) -> str | None:
+        cfg = self.config
+        num_words = len(words)
+        spaced = [w for w in words if not (len(w) == 1 and is_unspaced_char(w))]
+        if len(spaced) * 2 > num_words:
+            mean_length = sum(len(w) for w in spaced) / len(spaced)
+            if not cfg.min_mean_word_length <= mean_length <= cfg.max_mean_word_length:
+                return "mean_word_length"
+        symbols = text.count("#") + text.count("...") + text.count("…")
+        if symbols / num_words > cfg.max_symbol_word_ratio:
+            return "symbol_word_ratio"
+        alpha_words = sum(1 for w in words if any(ch.isalpha() for ch in w))
+        if alpha_words / num_words < cfg.min_alpha_word_fraction:
+            return "alpha_words"
+        non_space = sum(len(w) for w in words)
+        digits = sum(1 for ch in text if ch.isdigit())
+        if non_space and digits / non_space > cfg.max_digit_char_fraction:
+            return "digit_chars"
+        return None
+
+    def _check_lines(self, text: str) -> str | None:
+        cfg = self.config
+        lines = [line.strip() for line in text.split("\n") if line.strip()]
+        if not lines:
+            return None
+        bullets = sum(1 for line in lines if line.startswith(_BULLETS))
+        if bullets / len(lines) > cfg.max_bullet_line_fraction:
+            return "bullet_lines"
+        ellipsis = sum(1 for line in lines if line.endswith(("...", "…")))
+        if ellipsis / len(lines) > cfg.max_ellipsis_line_fraction:
+            return "ellipsis_lines"
+        seen: set[str] = set()
+        dup_lines = dup_chars = 0
+        for line in lines:
+            if line in seen:
+                dup_lines += 1
+                dup_chars += len(line)
+            seen.add(line)
+        if dup_lines / len(lines) > cfg.max_duplicate_line_fraction:
+            return "duplicate_lines"
+        total_chars = sum(len(line) for line in lines)
+        if dup_chars / total_chars > cfg.max_duplicate_line_char_fraction:
+            return "duplicate_line_chars"
+        return None
+
+    def _check_repetition(self, words: list[str]) -> str | None:
+        cfg = self.config
+        total_chars = sum(len(w) for w in words)
+        if total_chars == 0:
+            return "alpha_words"
+        for n, limit in zip((2, 3, 4), cfg.max_top_ngram_char_fractions):
+            if len(words) < n:
+                break
+            counts = Counter(zip(*(words[i:] for i in range(n))))
+            gram, count = counts.most_common(1)[0]
+            if count > 1 and count * sum(len(w) for w in gram) / total_chars > limit:
+                return f"top_{n}gram_chars"
+        for n, limit in zip(range(5, 11), cfg.max_duplicate_ngram_char_fractions):
+            if len(words) < n:
+                break
+            grams = list(zip(*(words[i:] for i in range(n))))
+            counts = Counter(grams)
+            covered = bytearray(len(words))
+            for start, gram in enumerate(grams):
+                if counts[gram] > 1:
+                    covered[start : start + n] = b"\x01" * n
+            dup_chars = sum(len(w) for w, flag in zip(words, covered) if flag)
+            if dup_chars / total_chars > limit:
+                return f"duplicate_{n}gram_chars"
+        return None

@@ -1,0 +1,360 @@
+"""Tokenize JSONL into Megatron indexed datasets, in parallel and with bounded memory.
+
+    from megatron_ext.data.preprocess import preprocess
+    result = preprocess(["data/*.jsonl.zst"], "data/tokens/web", "SentencePieceTokenizer",
+                        "out/tokenizer/tokenizer.model", append_eod=True, workers=8)
+    result.output_prefixes["text"]   # data/tokens/web_text_document (.bin + .idx)
+
+How it runs (see ``preprocess_reader`` for the tasks):
+
+1. The input is cut into tasks of about ``chunk_bytes`` that do not depend on the worker count.
+2. Worker processes each take a task, read and parse its lines, tokenize ``batch_docs``
+   documents per call and write the task's own small dataset (a "part") to a scratch folder.
+3. The main process takes the finished parts strictly in task order, appends them to the
+   output and deletes them. At most ``2 x workers`` tasks are in flight (back-pressure), so
+   memory and scratch space stay flat however large the input is; the document order is the
+   input order for any worker count.
+
+Per document and key, the ids of each sentence form one sequence, the end-of-document id is
+appended to the last one with ``append_eod`` (as Megatron-LM's ``preprocess_data.py`` does),
+and ids are stored as uint16 when the vocabulary has at most 65,536 ids, else int32.
+Bad records are counted per reason with their line numbers and skipped, or stop the run with
+``strict`` (``BadInputError``); either way the output is complete or absent, never partial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_ext.data.indexed_writer import IndexedDatasetWriter, dtype_for_vocab
+from megatron_ext.data.jsonl_io import BadInputError, BadInputReport, expand_inputs
+from megatron_ext.data.preprocess_reader import (
+    BadRecord,
+    InputTask,
+    iter_task_lines,
+    parse_line,
+    plan_tasks,
+)
+from megatron_ext.tokenizer.loading import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class TaskResult:
+    """What a worker reports for one task; its ids are in the part files."""
+
+    index: int
+    path: str
+    part_prefix: str
+    num_lines: int = 0
+    num_docs: int = 0
+    num_tokens: int = 0
+    num_bytes: int = 0
+    bad_counts: dict[str, int] = field(default_factory=dict)
+    bad_lines: dict[str, list[int]] = field(default_factory=dict)
+    fatal: tuple[int, str, str] | None = None  # (line in task, reason, detail) with strict
+
+
+@dataclass
+class PreprocessResult:
+    """The datasets written and what it took."""
+
+    output_prefixes: dict[str, str]
+    num_docs: int
+    num_tokens: int
+    num_bytes: int
+    seconds: float
+    dtype: str
+    bad_input: BadInputReport
+
+    def summary(self) -> str:
+        rate = self.num_docs / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.num_docs} documents, {self.num_tokens} tokens, {self.num_bytes / 1e6:.1f} MB "
+            f"in {self.seconds:.1f} s ({rate:.0f} docs/s), dtype {self.dtype}\n"
+            + self.bad_input.summary()
+        )
+
+
+@dataclass(frozen=True)
+class _WorkerSettings:
+    tokenizer_type: str
+    tokenizer_model: str
+    json_keys: tuple[str, ...]
+    append_eod: bool
+    strict: bool
+    max_doc_bytes: int | None
+    batch_docs: int
+    dtype: str
+    scratch_dir: str
+
+
+# Per-process state of a pool worker: the tokenizer is loaded once by the pool initializer.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(settings: _WorkerSettings) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER["settings"] = settings
+    _WORKER["tokenizer"] = load_tokenizer(settings.tokenizer_type, settings.tokenizer_model)
+
+
+def _run_task(task: InputTask) -> TaskResult:
+    settings: _WorkerSettings = _WORKER["settings"]
+    tokenizer = _WORKER["tokenizer"]
+    part = os.path.join(settings.scratch_dir, f"part-{task.index:09d}")
+    result = TaskResult(task.index, task.path, part)
+    writers = [
+        IndexedDatasetWriter(f"{part}_{key}", np.dtype(settings.dtype), buffer_entries=1 << 30)
+        for key in settings.json_keys
+    ]
+    batch: list[list[list[str]]] = []
+    for line_number, raw in enumerate(iter_task_lines(task), start=1):
+        result.num_lines = line_number
+        result.num_bytes += len(raw) + 1
+        try:
+            batch.append(parse_line(raw, settings.json_keys, settings.max_doc_bytes))
+        except BadRecord as bad:
+            if settings.strict:
+                result.fatal = (line_number, bad.reason, bad.detail)
+                break
+            result.bad_counts[bad.reason] = result.bad_counts.get(bad.reason, 0) + 1
+            lines = result.bad_lines.setdefault(bad.reason, [])
+            if len(lines) < MAX_EXAMPLES:
+                lines.append(line_number)
+            continue
+        if len(batch) >= settings.batch_docs:
+            result.num_tokens += _write_batch(batch, tokenizer, writers, settings)
+            result.num_docs += len(batch)
+            batch = []
+    if batch:
+        result.num_tokens += _write_batch(batch, tokenizer, writers, settings)
+        result.num_docs += len(batch)
+    for writer in writers:
+        writer.finalize()
+    return result
+
+
+def _write_batch(batch, tokenizer, writers, settings: _WorkerSettings) -> int:
+    """Tokenize one batch of documents per key and append it; returns the token count."""
+    num_tokens = 0
+    for key_index, writer in enumerate(writers):
+        sentences = [doc[key_index] for doc in batch]
+        flat = list(itertools.chain.from_iterable(sentences))
+        encoded = iter(tokenizer.tokenize_batch(flat))
+        seq_lengths: list[int] = []
+        seqs_per_doc: list[int] = []
+        kept: list[list[int]] = []
+        for doc in sentences:
+            doc_ids = [ids for ids in (next(encoded) for _ in doc) if ids]
+            if doc_ids and settings.append_eod:
+                doc_ids[-1] = [*doc_ids[-1], tokenizer.eod]
+            kept.extend(doc_ids)
+            seq_lengths.extend(len(ids) for ids in doc_ids)
+            seqs_per_doc.append(len(doc_ids))
+        total = sum(seq_lengths)
+        ids = np.fromiter(itertools.chain.from_iterable(kept), dtype=writer.dtype, count=total)
+        writer.add_batch(ids, np.asarray(seq_lengths, np.int32), np.asarray(seqs_per_doc, np.int64))
+        num_tokens += total
+    return num_tokens
+
+
+def preprocess(
+    inputs: Sequence[str] | str,
+    output_prefix: str,
+    tokenizer_type: str,
+    tokenizer_model: str,
+    *,
+    json_keys: Sequence[str] = ("text",),
+    append_eod: bool = False,
+    workers: int = 1,
+    strict: bool = False,
+    max_doc_bytes: int | None = None,
+    chunk_bytes: int = 16 << 20,
+    batch_docs: int = 256,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> PreprocessResult:
+    """Tokenize ``inputs`` (JSONL files or globs; plain, .gz, .zst) into indexed datasets.
+
+    Writes ``{output_prefix}_{key}_document.bin/.idx`` per JSON key and
+    ``{output_prefix}_preprocess_stats.json``. ``workers`` <= 1 runs in this process.
+    ``dtype`` ("uint16" / "int32") overrides the choice by vocabulary size.
+    """
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not json_keys or len(set(json_keys)) != len(json_keys):
+        raise ValueError(f"json_keys must be distinct and non-empty, got {list(json_keys)}")
+    if batch_docs < 1:
+        raise ValueError(f"batch_docs must be positive, got {batch_docs}")
+    paths = expand_inputs(list(inputs))
+    tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
+    chosen = np.dtype(dtype) if dtype else dtype_for_vocab(tokenizer.vocab_size)
+    if chosen not in (np.dtype(np.uint16), np.dtype(np.int32)):
+        raise ValueError(f"dtype must be uint16 or int32, got {dtype!r}")
+    if chosen == np.dtype(np.uint16) and tokenizer.vocab_size > 65536:
+        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit uint16; use int32")
+    out_dir = Path(output_prefix).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefixes = {key: f"{output_prefix}_{key}_document" for key in json_keys}
+    scratch = tempfile.mkdtemp(prefix=Path(output_prefix).name + ".parts-", dir=out_dir)
+    settings = _WorkerSettings(
+        tokenizer_type, str(tokenizer_model), tuple(json_keys), append_eod, strict,
+        max_doc_bytes, batch_docs, chosen.name, scratch,
+    )
+    writers = {key: IndexedDatasetWriter(prefix, chosen) for key, prefix in prefixes.items()}
+    report = BadInputReport(max_examples=MAX_EXAMPLES)
+    meter = _Progress(progress)
+    try:
+        lines_seen: dict[str, int] = {}
+        results = _run_tasks(plan_tasks(paths, chunk_bytes), settings, workers, tokenizer)
+        with contextlib.closing(results):
+            _collect(results, writers, report, meter, lines_seen)
+        for writer in writers.values():
+            writer.finalize()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        meter.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    outcome = PreprocessResult(
+        prefixes, meter.docs, meter.tokens, meter.bytes, meter.elapsed(), chosen.name, report
+    )
+    _write_stats(output_prefix, outcome, paths, tokenizer_type, tokenizer_model, append_eod)
+    return outcome
+
+
+def _collect(
+    results: Iterator[TaskResult], writers: dict[str, IndexedDatasetWriter],
+    report: BadInputReport, meter: _Progress, lines_seen: dict[str, int],
+) -> None:
+    """Append each task's parts to the outputs, in order; raise on a fatal bad record."""
+    for result in results:
+        first = lines_seen.get(result.path, 0)
+        lines_seen[result.path] = first + result.num_lines
+        _add_bad_input(report, result, first)
+        if result.fatal is not None:
+            line, reason, detail = result.fatal
+            raise BadInputError(result.path, first + line, reason, detail)
+        for key, writer in writers.items():
+            writer.append_dataset(f"{result.part_prefix}_{key}")
+            for suffix in (".bin", ".idx"):
+                os.remove(f"{result.part_prefix}_{key}{suffix}")
+        meter.update(result)
+
+
+def _run_tasks(
+    tasks: Iterator[InputTask], settings: _WorkerSettings, workers: int, tokenizer: Any
+) -> Iterator[TaskResult]:
+    """Results in task order, with at most ``2 * workers`` tasks submitted and not yet taken."""
+    if workers <= 1:
+        _WORKER["settings"], _WORKER["tokenizer"] = settings, tokenizer
+        try:
+            for task in tasks:
+                yield _run_task(task)
+        finally:
+            _WORKER.clear()
+        return
+    # spawn: workers start clean (no inherited threads of tokenizer libraries or locks).
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(workers, initializer=_init_worker, initargs=(settings,))
+    try:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(_run_task, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _add_bad_input(report: BadInputReport, result: TaskResult, first_line: int) -> None:
+    if not result.bad_counts:
+        return
+    part = BadInputReport(max_examples=report.max_examples)
+    part.counts = dict(result.bad_counts)
+    part.examples = {
+        result.path: {r: [first_line + n for n in lines] for r, lines in result.bad_lines.items()}
+    }
+    report.merge(part)
+
+
+class _Progress:
+    """A tqdm bar over documents, showing docs/s, MB/s and tokens/s."""
+
+    def __init__(self, enabled: bool):
+        self.start = time.perf_counter()
+        self.docs = self.tokens = self.bytes = 0
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(unit=" docs", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def update(self, result: TaskResult) -> None:
+        self.docs += result.num_docs
+        self.tokens += result.num_tokens
+        self.bytes += result.num_bytes
+        if self._bar is not None:
+            seconds = max(self.elapsed(), 1e-9)
+            self._bar.set_postfix_str(
+                f"{self.bytes / 1e6 / seconds:.1f} MB/s, {self.tokens / seconds:,.0f} tok/s",
+                refresh=False,
+            )
+            self._bar.update(result.num_docs)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _write_stats(
+    output_prefix: str, result: PreprocessResult, paths: list[str], tokenizer_type: str,
+    tokenizer_model: str, append_eod: bool,
+) -> None:
+    stats = {
+        "inputs": paths,
+        "outputs": result.output_prefixes,
+        "tokenizer_type": tokenizer_type,
+        "tokenizer_model": str(tokenizer_model),
+        "append_eod": append_eod,
+        "dtype": result.dtype,
+        "num_docs": result.num_docs,
+        "num_tokens": result.num_tokens,
+        "num_bytes": result.num_bytes,
+        "seconds": round(result.seconds, 3),
+        "bad_input": result.bad_input.to_dict(),
+    }
+    path = f"{output_prefix}_preprocess_stats.json"
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,1 @@
+"""Launching training: topology detection, NCCL environment, torchrun / SLURM plans."""

@@ -1,0 +1,63 @@
+"""Layer specs: which megatron-core modules make up a transformer layer.
+
+Two backends. ``transformer_engine`` (TE's fused LayerNorm+Linear, FP8-capable GEMMs and fused
+attention) is used when TE imports and a GPU is present. ``local`` uses megatron-core's own
+tensor-parallel linear layers with torch RMSNorm, and our SDPA core attention in place of
+megatron-core's unfused ``DotProductAttention`` (which materialises ``[b, heads, s, s]``).
+Both produce the same parameter names in checkpoints (megatron-core maps the local norms onto TE's
+fused ``layer_norm_weight`` keys), so checkpoints move between backends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_ext.models.attention import SDPACoreAttention
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine's PyTorch extension imports (it needs CUDA)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def resolve_backend(transformer_impl: str, device: str) -> str:
+    """``auto`` -> ``transformer_engine`` on a GPU with TE installed, else ``local``."""
+    if transformer_impl == "auto":
+        return "transformer_engine" if device == "cuda" and transformer_engine_available() else "local"
+    if transformer_impl == "transformer_engine":
+        if device != "cuda":
+            raise ValueError("model.transformer_impl=transformer_engine needs a CUDA device")
+        if not transformer_engine_available():
+            raise ValueError(
+                "model.transformer_impl=transformer_engine but Transformer Engine is not importable; "
+                "install requirements-gpu.txt or use model.transformer_impl=local"
+            )
+    return transformer_impl
+
+
+def get_layer_spec(backend: str, attention_backend: str = "sdpa") -> ModuleSpec:
+    """The transformer-layer spec for a Llama-style decoder on the chosen backend."""
+    if backend == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    if backend != "local":
+        raise ValueError(f"unknown layer backend {backend!r}")
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention_backend == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    elif attention_backend != "unfused":
+        raise ValueError(f"unknown attention backend {attention_backend!r}")
+    return spec

@@ -1,0 +1,173 @@
+"""Load a trained tokenizer for data preprocessing and training.
+
+Two kinds, named as in Megatron-LM's ``--tokenizer-type``:
+
+- ``SentencePieceTokenizer``: a ``.model`` file, or a directory holding ``tokenizer.model``.
+- ``HuggingFaceTokenizer``: a ``tokenizer.json`` file, or a directory holding one (read with the
+  ``tokenizers`` library); a directory without ``tokenizer.json`` goes through
+  ``transformers.AutoTokenizer`` with ``local_files_only=True``. Nothing is downloaded.
+
+Both give the same small interface: ``tokenize(text) -> list[int]`` (content ids only, never a
+BOS or EOS: ``preprocess`` appends the end-of-document id itself), ``tokenize_batch(texts)``,
+``detokenize(ids) -> str``, ``vocab_size``, ``eod``, ``bos`` and ``pad`` (``None`` when the
+vocabulary has none).
+
+    tok = load_tokenizer("SentencePieceTokenizer", "out/tokenizer/tokenizer.model")
+    ids = tok.tokenize("Bonjour le monde")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
+
+# Names tried, in order, when a Hugging Face tokenizer's config does not name its EOS token.
+_EOD_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+
+
+class Tokenizer(Protocol):
+    """What training and preprocessing need from a tokenizer."""
+
+    vocab_size: int
+    eod: int
+    bos: int | None
+    pad: int | None
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def detokenize(self, ids: Any) -> str: ...
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model; ``eod`` is its EOS id (``eos_id`` set at training time)."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        import sentencepiece
+
+        path = _resolve(model_path, "tokenizer.model", "SentencePieceTokenizer")
+        self.model_path = str(path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+        self.vocab_size: int = self._sp.get_piece_size()
+        eos = self._sp.eos_id()
+        if eos < 0:
+            raise ValueError(
+                f"SentencePiece model {path} has no EOS id (trained with eos_id=-1); "
+                "retrain it with an EOS token, it is used as the end-of-document id"
+            )
+        self.eod: int = eos
+        self.bos: int | None = _non_negative(self._sp.bos_id())
+        self.pad: int | None = _non_negative(self._sp.pad_id())
+        self.unk: int | None = _non_negative(self._sp.unk_id())
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        # One C++ call per batch; one thread because preprocessing runs one process per core.
+        return self._sp.encode(texts, out_type=int, num_threads=1)
+
+    def detokenize(self, ids: Any) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+
+class HuggingFaceTokenizer:
+    """A Hugging Face fast tokenizer, used without adding special tokens around the text."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        path = Path(model_path)
+        if not path.exists():
+            raise ValueError(f"HuggingFaceTokenizer: {path} does not exist")
+        json_path = path if path.is_file() else path / "tokenizer.json"
+        config = _read_hf_config(path if path.is_dir() else path.parent)
+        if json_path.is_file():
+            from tokenizers import Tokenizer as BackendTokenizer
+
+            self._backend = BackendTokenizer.from_file(str(json_path))
+        elif path.is_dir():
+            from transformers import AutoTokenizer
+
+            auto = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            backend = getattr(auto, "backend_tokenizer", None)
+            if backend is None:
+                raise ValueError(f"HuggingFaceTokenizer: {path} holds no fast tokenizer")
+            self._backend = backend
+            config = {**config, "eos_token": config.get("eos_token") or auto.eos_token}
+        else:
+            raise ValueError(f"HuggingFaceTokenizer: expected tokenizer.json or a directory: {path}")
+        # Literal "<s>" in a document is text, not a control token: same ids as SentencePiece.
+        self._backend.encode_special_tokens = True
+        self.model_path = str(path)
+        self.vocab_size: int = self._backend.get_vocab_size(with_added_tokens=True)
+        eod = self._token_id(config.get("eos_token"))
+        if eod is None:
+            eod = next((i for n in _EOD_CANDIDATES if (i := self._token_id(n)) is not None), None)
+        if eod is None:
+            raise ValueError(
+                f"HuggingFaceTokenizer: {path} names no EOS token (eos_token in "
+                f"tokenizer_config.json) and has none of {list(_EOD_CANDIDATES)}"
+            )
+        self.eod: int = eod
+        self.bos: int | None = self._token_id(config.get("bos_token"))
+        self.pad: int | None = self._token_id(config.get("pad_token"))
+
+    def _token_id(self, token: Any) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        if not isinstance(token, str):
+            return None
+        return self._backend.token_to_id(token)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        encodings = self._backend.encode_batch_fast(texts, add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def detokenize(self, ids: Any) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(tokenizer_type: str, model_path: str) -> SentencePieceTokenizer | HuggingFaceTokenizer:
+    """The tokenizer ``tokenizer_type`` (one of ``TOKENIZER_TYPES``) stored at ``model_path``."""
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(model_path)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(model_path)
+    raise ValueError(f"tokenizer_type must be one of {list(TOKENIZER_TYPES)}, got {tokenizer_type!r}")
+
+
+def _resolve(model_path: str | os.PathLike, file_name: str, kind: str) -> Path:
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / file_name
+    if not path.is_file():
+        raise ValueError(f"{kind}: no model file at {path}")
+    return path
+
+
+def _read_hf_config(directory: Path) -> dict:
+    config: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        file = directory / name
+        if file.is_file():
+            try:
+                loaded = json.loads(file.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ValueError(f"HuggingFaceTokenizer: {file} is not valid JSON: {exc}") from exc
+            if isinstance(loaded, dict):
+                config.update({k: v for k, v in loaded.items() if v is not None})
+    return config
+
+
+def _non_negative(value: int) -> int | None:
+    return value if value >= 0 else None

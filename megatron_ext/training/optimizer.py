@@ -1,0 +1,101 @@
+"""AdamW configuration and construction through megatron-core's optimizer factory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ext.config.errors import ProblemCollector
+from megatron_ext.models.config import PrecisionConfig
+from megatron_ext.parallel.config import ParallelConfig
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW as in the recipe: betas (0.9, 0.95), weight decay 0.1 (not on norms and biases)."""
+
+    adam_beta1: float = 0.9
+    """First-moment decay."""
+    adam_beta2: float = 0.95
+    """Second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (1-D parameters, i.e. norms and biases, get none)."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+    def validate(self, problems: ProblemCollector) -> None:
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            problems.check(0.0 <= value < 1.0, f"optimizer.{name}", value, "must be in [0, 1)",
+                           "use e.g. 0.9 / 0.95")
+        problems.check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay,
+                       "must be >= 0", "use 0.1 as in the recipe")
+        problems.check(self.clip_grad >= 0, "optimizer.clip_grad", self.clip_grad,
+                       "must be >= 0", "use 1.0, or 0 to disable clipping")
+
+
+def wrap_ddp(
+    chunks: list[torch.nn.Module],
+    transformer_config: TransformerConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+) -> list[DistributedDataParallel]:
+    """Wrap each model chunk in megatron-core's DDP (contiguous grad buffers, bucketed reduce)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    return [
+        DistributedDataParallel(
+            config=transformer_config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Megatron-LM's convention: only the first chunk buckets, so that with the interleaved
+            # schedule the reduce of later chunks does not wait on a shared bucket.
+            disable_bucketing=index > 0,
+        )
+        for index, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(
+    ddp_chunks: list[DistributedDataParallel],
+    optim: OptimizerConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    peak_lr: float,
+    min_lr: float,
+):
+    """megatron-core's (distributed) AdamW with fp32 main weights and optional dynamic loss scale."""
+    config = McoreOptimizerConfig(
+        optimizer="adam",
+        lr=peak_lr,
+        min_lr=min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16",
+        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            precision.dtype
+        ],
+        initial_loss_scale=precision.initial_loss_scale,
+        min_loss_scale=precision.min_loss_scale,
+        loss_scale_window=precision.loss_scale_window,
+        hysteresis=precision.hysteresis,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        overlap_param_gather=parallel.overlap_param_gather,
+    )
+    return get_megatron_optimizer(config, ddp_chunks)

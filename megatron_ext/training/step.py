@@ -1,0 +1,126 @@
+"""One optimizer step: forward/backward over all micro-batches through megatron-core's schedules.
+
+The schedule (no pipelining, 1F1B or interleaved 1F1B) is chosen by megatron-core from the parallel
+state. Gradient accumulation is the schedule's ``num_microbatches``; the current sequence length of
+the curriculum is passed per call, so the pipeline's send/receive shapes follow it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterable
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced (``loss`` is the global mean over all tokens)."""
+
+    loss: float | None
+    grad_norm: float | None
+    skipped: bool
+    num_zeros: int | None
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Mean token loss of one micro-batch (the schedule averages over micro-batches)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
+    # clone: the schedule divides the returned loss by num_microbatches in place.
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def forward_step(data_iterator: Iterable[dict[str, torch.Tensor]], model: torch.nn.Module):
+    """megatron-core forward_step: returns ``(output, loss_fn)``; output is per-token loss ``[b, s]``."""
+    batch = next(data_iterator)
+    output = model(
+        input_ids=batch["tokens"],
+        position_ids=batch["position_ids"],
+        attention_mask=None,
+        labels=batch["labels"],
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _to_device(micro_batches: list[dict[str, torch.Tensor]], device: torch.device):
+    return [
+        {k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches
+    ]
+
+
+def run_forward_backward(
+    model_chunks: list[torch.nn.Module],
+    micro_batches: list[dict[str, torch.Tensor]],
+    seq_length: int,
+    device: torch.device,
+    forward_only: bool = False,
+) -> list[dict[str, Any]]:
+    """Forward (and backward) over ``micro_batches``; returns the last stage's loss dicts."""
+    batches = _to_device(micro_batches, device)
+    micro_batch_size = batches[0]["tokens"].shape[0]
+    if len(model_chunks) > 1:
+        data_iterator: Any = [iter(batches) for _ in model_chunks]
+    else:
+        data_iterator = iter(batches)
+    forward_backward = get_forward_backward_func()
+    return forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def train_step(
+    model_chunks: list[torch.nn.Module],
+    optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    seq_length: int,
+    device: torch.device,
+    pp_group: torch.distributed.ProcessGroup,
+    is_last_stage: bool,
+) -> StepResult:
+    """Zero grads, forward/backward all micro-batches, reduce grads, clip, and step the optimizer."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_dicts = run_forward_backward(model_chunks, micro_batches, seq_length, device)
+    for chunk in model_chunks:
+        chunk.finish_grad_sync()
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    loss = mean_loss(loss_dicts, device, pp_group, is_last_stage)
+    return StepResult(
+        loss=loss,
+        grad_norm=float(grad_norm) if grad_norm is not None else None,
+        skipped=not update_successful,
+        num_zeros=num_zeros,
+    )
+
+
+def mean_loss(
+    loss_dicts: list[dict[str, Any]],
+    device: torch.device,
+    pp_group: torch.distributed.ProcessGroup,
+    is_last_stage: bool,
+) -> float:
+    """Average the micro-batch losses over the data-parallel group; broadcast from the last stage."""
+    from megatron.core import parallel_state
+
+    value = torch.zeros(1, dtype=torch.float64, device=device)
+    if is_last_stage:
+        value += torch.stack([d["lm loss"].double() for d in loss_dicts]).mean()
+        torch.distributed.all_reduce(
+            value, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+        value /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    # Every rank reports the same loss: the last stage owns it, the others receive it.
+    last_rank = torch.distributed.get_global_rank(pp_group, pp_group.size() - 1)
+    torch.distributed.broadcast(value, src=last_rank, group=pp_group)
+    return float(value.item())
