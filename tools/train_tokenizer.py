@@ -24,18 +24,33 @@ from megatron_ext.tokenizer.training import TokenizerTrainingConfig, train_token
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="JSONL files or globs (plain, .gz, .zst)")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="JSONL files or globs (plain, .gz, .zst)"
+    )
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--heldout", nargs="+", default=None,
-                        help="held-out JSONL for the report (default: a hashed share of input)")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="vocabulary size (default 65536)")
-    parser.add_argument("--temperature-alpha", type=float, default=None,
-                        help="language sampling exponent (default 0.3; 1 = natural mix)")
+    parser.add_argument(
+        "--heldout",
+        nargs="+",
+        default=None,
+        help="held-out JSONL for the report (default: a hashed share of input)",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=None, help="vocabulary size (default 65536)"
+    )
+    parser.add_argument(
+        "--temperature-alpha",
+        type=float,
+        default=None,
+        help="language sampling exponent (default 0.3; 1 = natural mix)",
+    )
     parser.add_argument("--config", default=None, help="YAML with TokenizerTrainingConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override one config field (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one config field (repeatable)",
+    )
     return parser
 
 

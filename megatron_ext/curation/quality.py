@@ -8,12 +8,29 @@ apply to Chinese and Japanese.
 
 from __future__ import annotations
 
+import functools
+import re
+import sys
+import unicodedata
 from collections import Counter
 
 from megatron_ext.curation.config import QualityConfig
-from megatron_ext.curation.text import is_unspaced_char, normalized_words, split_words
+from megatron_ext.curation.text import UNSPACED_CHARS, normalized_words, split_words
 
+_HANGUL_WORD_RE = re.compile("\\S*[\uac00-\ud7af]\\S*")
+_UNSPACED_RE = re.compile(f"[{UNSPACED_CHARS}]")
+_LETTER_RE = re.compile(r"[^\W\d_]")
+_DIGIT_RE = re.compile(r"\d")
 _BULLETS = ("•", "●", "◦", "▪", "‣", "⁃", "∙", "·", "*", "-", "–", "—", "→", "►")
+
+
+@functools.cache
+def _punctuation_table() -> dict[int, None]:
+    return {
+        code: None
+        for code in range(sys.maxunicode + 1)
+        if unicodedata.category(chr(code)).startswith("P")
+    }
 
 
 class QualityFilter:
@@ -48,20 +65,29 @@ class QualityFilter:
     def _check_words(self, text: str, words: list[str]) -> str | None:
         cfg = self.config
         num_words = len(words)
-        spaced = [w for w in words if not (len(w) == 1 and is_unspaced_char(w))]
-        if len(spaced) * 2 > num_words:
-            mean_length = sum(len(w) for w in spaced) / len(spaced)
+        num_chars = sum(map(len, words))
+        # The Gopher length bounds are calibrated on alphabetic scripts: leave out characters of
+        # unspaced scripts (one word each) and Hangul words (a syllable block holds 2-3 letters).
+        num_unspaced = len(_UNSPACED_RE.findall(text))
+        hangul_words = _HANGUL_WORD_RE.findall(text)
+        num_alphabetic = num_words - num_unspaced - len(hangul_words)
+        if num_alphabetic * 2 > num_words:
+            alphabetic_chars = num_chars - num_unspaced - sum(map(len, hangul_words))
+            mean_length = alphabetic_chars / num_alphabetic
             if not cfg.min_mean_word_length <= mean_length <= cfg.max_mean_word_length:
                 return "mean_word_length"
         symbols = text.count("#") + text.count("...") + text.count("…")
         if symbols / num_words > cfg.max_symbol_word_ratio:
             return "symbol_word_ratio"
-        alpha_words = sum(1 for w in words if any(ch.isalpha() for ch in w))
-        if alpha_words / num_words < cfg.min_alpha_word_fraction:
+        without_letter = [w for w in words if not _LETTER_RE.search(w)]
+        # Stand-alone punctuation (CJK commas and full stops, dashes) is not a word here.
+        punctuation_only = sum(1 for w in without_letter if not w.translate(_punctuation_table()))
+        counted = num_words - punctuation_only
+        with_letter = num_words - len(without_letter)
+        if not counted or with_letter / counted < cfg.min_alpha_word_fraction:
             return "alpha_words"
-        non_space = sum(len(w) for w in words)
-        digits = sum(1 for ch in text if ch.isdigit())
-        if non_space and digits / non_space > cfg.max_digit_char_fraction:
+        digits = len(_DIGIT_RE.findall(text))
+        if num_chars and digits / num_chars > cfg.max_digit_char_fraction:
             return "digit_chars"
         return None
 
@@ -102,7 +128,8 @@ class QualityFilter:
             gram, count = counts.most_common(1)[0]
             if count > 1 and count * sum(len(w) for w in gram) / total_chars > limit:
                 return f"top_{n}gram_chars"
-        for n, limit in zip(range(5, 11), cfg.max_duplicate_ngram_char_fractions):
+        limits = cfg.max_duplicate_ngram_char_fractions
+        for n, limit in zip(range(5, 11), limits):
             if len(words) < n:
                 break
             grams = list(zip(*(words[i:] for i in range(n))))
@@ -114,4 +141,8 @@ class QualityFilter:
             dup_chars = sum(len(w) for w, flag in zip(words, covered) if flag)
             if dup_chars / total_chars > limit:
                 return f"duplicate_{n}gram_chars"
+            # Positions inside a repeated (n+1)-gram are inside repeated n-grams, so the share
+            # only shrinks with n: below every remaining limit, no longer n can fail.
+            if dup_chars / total_chars <= min(limits[n - 5 :]):
+                break
         return None

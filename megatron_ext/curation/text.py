@@ -26,6 +26,8 @@ _UNSPACED = (
     "\uf900-\ufaff"  # CJK compatibility ideographs
     "\U00020000-\U0002ffff"  # CJK extensions B-F
 )
+UNSPACED_CHARS = _UNSPACED
+"""Character class body (for ``[...]``) of the scripts whose characters count as words."""
 _WORD_RE = re.compile(rf"[{_UNSPACED}]|[^\s{_UNSPACED}]+")
 _UNSPACED_RE = re.compile(rf"[{_UNSPACED}]")
 _DIGIT_RE = re.compile(r"\d")
@@ -34,10 +36,6 @@ _DIGIT_RE = re.compile(r"\d")
 def split_words(text: str) -> list[str]:
     """Whitespace words, with each character of an unspaced script as its own word."""
     return _WORD_RE.findall(text)
-
-
-def is_unspaced_char(char: str) -> bool:
-    return _UNSPACED_RE.match(char) is not None
 
 
 @functools.cache

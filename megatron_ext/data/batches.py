@@ -127,7 +127,7 @@ def get_step_batch(
                 "tokens": torch.from_numpy(np.ascontiguousarray(tokens[rows])),
                 "labels": torch.from_numpy(np.ascontiguousarray(labels[rows])),
                 "loss_mask": torch.from_numpy(np.ascontiguousarray(loss_mask[rows])),
-                "position_ids": torch.from_numpy(np.ascontiguousarray(position_ids[rows])),
+                "position_ids": torch.from_numpy(np.array(position_ids[rows])),
             }
         )
     return micro_batches

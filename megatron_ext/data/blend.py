@@ -27,8 +27,7 @@ def split_documents(
     """
     if num_documents < 0:
         raise ValueError(f"num_documents must be >= 0, got {num_documents}")
-    rng = np.random.default_rng([split_seed, num_documents])
-    order = rng.permutation(num_documents).astype(np.int64)
+    order = stable_permutation(num_documents, (split_seed, num_documents))
     end_train = int(round(fractions[0] * num_documents))
     end_valid = int(round((fractions[0] + fractions[1]) * num_documents))
     end_valid = max(end_train, min(end_valid, num_documents))
@@ -37,6 +36,17 @@ def split_documents(
         np.sort(order[end_train:end_valid]),
         np.sort(order[end_valid:]),
     )
+
+
+def stable_permutation(n: int, key: Sequence[int]) -> np.ndarray:
+    """A permutation of ``range(n)`` (int64) determined by ``key`` for good.
+
+    Uses numpy's legacy ``RandomState``, whose streams numpy keeps fixed across versions (the
+    newer ``Generator`` may change between versions), seeded through ``SeedSequence``, so that
+    a run resumed under another numpy version reads the same data order.
+    """
+    seed = np.random.SeedSequence([int(k) for k in key]).generate_state(4)
+    return np.random.RandomState(seed).permutation(n).astype(np.int64)
 
 
 def blend_quotas(dataset_tokens: Sequence[int], weights: Sequence[float] | None) -> list[int]:

@@ -31,8 +31,13 @@ INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # megatron.core.datasets.indexed_dataset.DType codes.
 DTYPE_CODES = {
-    np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
-    np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7,
+    np.dtype(np.uint8): 1,
+    np.dtype(np.int8): 2,
+    np.dtype(np.int16): 3,
+    np.dtype(np.int32): 4,
+    np.dtype(np.int64): 5,
+    np.dtype(np.float64): 6,
+    np.dtype(np.float32): 7,
     np.dtype(np.uint16): 8,
 }
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -141,7 +146,9 @@ class IndexedDatasetWriter:
         array = np.asarray(ids, dtype=self.dtype)
         seq_lengths = np.asarray([array.size] if lengths is None else lengths, dtype=np.int32)
         if int(seq_lengths.sum()) != array.size:
-            raise ValueError(f"sequence lengths sum to {seq_lengths.sum()}, document has {array.size}")
+            raise ValueError(
+                f"sequence lengths sum to {seq_lengths.sum()}, document has {array.size}"
+            )
         self.add_batch(array, seq_lengths, np.asarray([seq_lengths.size], dtype=np.int64))
 
     def add_batch(
@@ -220,7 +227,12 @@ class IndexedDatasetWriter:
             for f in (self._bin, self._lengths_file, self._docs_file):
                 f.close()
             self._closed = True
-        for path in (self._bin_tmp, self._lengths_tmp, self._docs_tmp, idx_path(self.prefix) + ".tmp"):
+        for path in (
+            self._bin_tmp,
+            self._lengths_tmp,
+            self._docs_tmp,
+            idx_path(self.prefix) + ".tmp",
+        ):
             if os.path.exists(path):
                 os.remove(path)
 

@@ -21,6 +21,7 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ Compression = Literal["none", "gz", "zst"]
 BAD_INPUT_REASONS = (
     "malformed_json",
     "invalid_utf8",
+    "lone_surrogate",
     "not_an_object",
     "missing_text_key",
     "non_string_text",
@@ -43,6 +45,7 @@ BAD_INPUT_REASONS = (
 )
 
 _SUFFIX = {"none": "", "gz": ".gz", "zst": ".zst"}
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class BadInputError(ValueError):
@@ -222,47 +225,60 @@ def iter_jsonl(
         yield from _iter_file(os.fspath(path), text_key, report, strict, max_doc_bytes)
 
 
+def parse_jsonl_line(
+    raw: bytes, text_key: str = "text", max_doc_bytes: int | None = None
+) -> tuple[dict | None, str, str]:
+    """Parse one raw JSONL line (newline may be included).
+
+    Returns ``(record, text, "")`` for a good record, or ``(None, reason, detail)`` with a reason
+    from ``BAD_INPUT_REASONS``. Used by ``iter_jsonl`` and by tools that parse in worker processes.
+    """
+    raw = raw.rstrip(b"\r\n")
+    if max_doc_bytes is not None and len(raw) > max_doc_bytes:
+        return None, "too_large", f"{len(raw)} bytes > max_doc_bytes={max_doc_bytes}"
+    if not raw.strip():
+        return None, "blank_line", ""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, "invalid_utf8", str(exc)
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        return None, "malformed_json", str(exc)
+    if _SURROGATE_ESCAPE_RE.search(line):
+        # Valid JSON can spell lone UTF-16 surrogates ("\ud800"), which are not text: they
+        # cannot be encoded again, so writing the record out would fail later.
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return None, "lone_surrogate", str(exc)
+    if not isinstance(record, dict):
+        return None, "not_an_object", f"got {type(record).__name__}"
+    if text_key not in record:
+        return None, "missing_text_key", f"no key {text_key!r}"
+    text = record[text_key]
+    if not isinstance(text, str):
+        return None, "non_string_text", f"{text_key!r} is {type(text).__name__}"
+    if not text.strip():
+        return None, "empty_text", ""
+    return record, text, ""
+
+
 def _iter_file(
     path: str, text_key: str, report: BadInputReport, strict: bool, max_doc_bytes: int | None
 ) -> Iterator[JsonlRecord]:
-    def bad(reason: str, line_number: int, detail: str = "") -> None:
-        if strict:
-            raise BadInputError(path, line_number, reason, detail)
-        report.add(reason, path, line_number)
-
     with open_binary(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
-            raw = raw.rstrip(b"\r\n")
-            if max_doc_bytes is not None and len(raw) > max_doc_bytes:
-                bad("too_large", line_number, f"{len(raw)} bytes > max_doc_bytes={max_doc_bytes}")
+            record, text_or_reason, detail = parse_jsonl_line(raw, text_key, max_doc_bytes)
+            if record is None:
+                if strict:
+                    raise BadInputError(path, line_number, text_or_reason, detail)
+                report.add(text_or_reason, path, line_number)
                 continue
-            if not raw.strip():
-                bad("blank_line", line_number)
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad("invalid_utf8", line_number, str(exc))
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                bad("malformed_json", line_number, str(exc))
-                continue
-            if not isinstance(record, dict):
-                bad("not_an_object", line_number, f"got {type(record).__name__}")
-                continue
-            if text_key not in record:
-                bad("missing_text_key", line_number, f"no key {text_key!r}")
-                continue
-            text = record[text_key]
-            if not isinstance(text, str):
-                bad("non_string_text", line_number, f"{text_key!r} is {type(text).__name__}")
-                continue
-            if not text.strip():
-                bad("empty_text", line_number)
-                continue
-            yield JsonlRecord(path=path, line_number=line_number, record=record, text=text)
+            yield JsonlRecord(
+                path=path, line_number=line_number, record=record, text=text_or_reason
+            )
 
 
 def dumps_record(record: dict) -> str:

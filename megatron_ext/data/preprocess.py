@@ -18,6 +18,8 @@ How it runs (see ``preprocess_reader`` for the tasks):
 Per document and key, the ids of each sentence form one sequence, the end-of-document id is
 appended to the last one with ``append_eod`` (as Megatron-LM's ``preprocess_data.py`` does),
 and ids are stored as uint16 when the vocabulary has at most 65,536 ids, else int32.
+Workers are spawned, so they import the caller's main module: call ``preprocess`` with
+``workers > 1`` from under ``if __name__ == "__main__":`` in a script (the tools do).
 Bad records are counted per reason with their line numbers and skipped, or stop the run with
 ``strict`` (``BadInputError``); either way the output is complete or absent, never partial.
 """
@@ -115,10 +117,15 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(settings: _WorkerSettings) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER["settings"] = settings
-    _WORKER["tokenizer"] = load_tokenizer(settings.tokenizer_type, settings.tokenizer_model)
+    try:
+        _WORKER["tokenizer"] = load_tokenizer(settings.tokenizer_type, settings.tokenizer_model)
+    except Exception as exc:  # reported by the first task: a failing initializer is respawned
+        _WORKER["error"] = f"{type(exc).__name__}: {exc}"
 
 
 def _run_task(task: InputTask) -> TaskResult:
+    if "error" in _WORKER:
+        raise ValueError(f"a preprocessing worker could not load the tokenizer: {_WORKER['error']}")
     settings: _WorkerSettings = _WORKER["settings"]
     tokenizer = _WORKER["tokenizer"]
     part = os.path.join(settings.scratch_dir, f"part-{task.index:09d}")
@@ -189,7 +196,7 @@ def preprocess(
     workers: int = 1,
     strict: bool = False,
     max_doc_bytes: int | None = None,
-    chunk_bytes: int = 16 << 20,
+    chunk_bytes: int = 1 << 20,
     batch_docs: int = 256,
     dtype: str | None = None,
     progress: bool = True,
@@ -218,8 +225,15 @@ def preprocess(
     prefixes = {key: f"{output_prefix}_{key}_document" for key in json_keys}
     scratch = tempfile.mkdtemp(prefix=Path(output_prefix).name + ".parts-", dir=out_dir)
     settings = _WorkerSettings(
-        tokenizer_type, str(tokenizer_model), tuple(json_keys), append_eod, strict,
-        max_doc_bytes, batch_docs, chosen.name, scratch,
+        tokenizer_type,
+        str(tokenizer_model),
+        tuple(json_keys),
+        append_eod,
+        strict,
+        max_doc_bytes,
+        batch_docs,
+        chosen.name,
+        scratch,
     )
     writers = {key: IndexedDatasetWriter(prefix, chosen) for key, prefix in prefixes.items()}
     report = BadInputReport(max_examples=MAX_EXAMPLES)
@@ -246,8 +260,11 @@ def preprocess(
 
 
 def _collect(
-    results: Iterator[TaskResult], writers: dict[str, IndexedDatasetWriter],
-    report: BadInputReport, meter: _Progress, lines_seen: dict[str, int],
+    results: Iterator[TaskResult],
+    writers: dict[str, IndexedDatasetWriter],
+    report: BadInputReport,
+    meter: _Progress,
+    lines_seen: dict[str, int],
 ) -> None:
     """Append each task's parts to the outputs, in order; raise on a fatal bad record."""
     for result in results:
@@ -337,8 +354,12 @@ class _Progress:
 
 
 def _write_stats(
-    output_prefix: str, result: PreprocessResult, paths: list[str], tokenizer_type: str,
-    tokenizer_model: str, append_eod: bool,
+    output_prefix: str,
+    result: PreprocessResult,
+    paths: list[str],
+    tokenizer_type: str,
+    tokenizer_model: str,
+    append_eod: bool,
 ) -> None:
     stats = {
         "inputs": paths,

@@ -98,9 +98,7 @@ class BadRecord(Exception):
         self.detail = detail
 
 
-def parse_line(
-    raw: bytes, json_keys: Sequence[str], max_doc_bytes: int | None
-) -> list[list[str]]:
+def parse_line(raw: bytes, json_keys: Sequence[str], max_doc_bytes: int | None) -> list[list[str]]:
     """The sentences of each key of one JSONL line; raises ``BadRecord`` for a bad line.
 
     A record is kept whole or not at all, so the datasets of several keys stay aligned.

@@ -19,15 +19,22 @@ Layout of the stream, for datasets ``d`` with per-epoch token quota ``q_d``:
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_ext.data.blend import blend_quotas, interleave_order, split_documents
+from megatron_ext.data.blend import (
+    blend_quotas,
+    interleave_order,
+    split_documents,
+    stable_permutation,
+)
 from megatron_ext.data.config import DataConfig, parse_split
 
 _SPLIT_NAMES = ("train", "valid", "test")
@@ -37,7 +44,9 @@ class DocumentSource:
     """The documents of one indexed dataset that belong to one split.
 
     A document is Megatron's document (a range of sequences in ``document_indices``); its
-    sequences are contiguous in the ``.bin`` file, so a document is read as one span.
+    sequences are contiguous in the ``.bin`` file, so a document is read as one span. Memory:
+    the split's document ids (int64) and lengths (int32) only; offsets come from the memory-mapped
+    ``.idx`` when needed and tokens from the memory-mapped ``.bin``.
     """
 
     def __init__(
@@ -56,42 +65,58 @@ class DocumentSource:
         self.dataset = IndexedDataset(prefix, mmap=True)
         self.append_eod = append_eod
         self.eod_token_id = eod_token_id
-        seq_lengths = np.asarray(self.dataset.sequence_lengths, dtype=np.int64)
-        doc_index = np.asarray(self.dataset.document_indices, dtype=np.int64)
-        _check_contiguous(prefix, self.dataset, seq_lengths)
-        cum = np.concatenate([[0], np.cumsum(seq_lengths)])
-        all_lengths = cum[doc_index[1:]] - cum[doc_index[:-1]]
+        index = self.dataset.index
+        seq_lengths = np.asarray(index.sequence_lengths)
+        self._first_sequence = np.asarray(index.document_indices)[:-1]
+        self._pointers = np.asarray(index.sequence_pointers)
+        self._itemsize = np.dtype(index.dtype).itemsize
+        _check_contiguous(prefix, self._pointers, seq_lengths, self._itemsize)
+        cum = np.zeros(seq_lengths.size + 1, dtype=np.int64)
+        np.cumsum(seq_lengths, out=cum[1:])
+        all_lengths = cum[np.asarray(index.document_indices)]
+        all_lengths = all_lengths[1:] - all_lengths[:-1]
         self.num_documents_total = int(all_lengths.size)
         if document_ids is None:
             document_ids = np.arange(all_lengths.size, dtype=np.int64)
         self.document_ids = np.asarray(document_ids, dtype=np.int64)
-        self.first_sequence = doc_index[:-1][self.document_ids]
-        self.lengths = all_lengths[self.document_ids] + (1 if append_eod else 0)
-        self.num_tokens = int(self.lengths.sum())
+        lengths = all_lengths[self.document_ids] + (1 if append_eod else 0)
+        if lengths.size and lengths.max() >= 2**31:
+            raise ValueError(f"{prefix}: a document longer than 2**31 tokens")
+        self.lengths = lengths.astype(np.int32)
+        self.num_tokens = int(lengths.sum())
+        size = os.path.getsize(prefix + ".bin")
+        self._tokens = (
+            np.memmap(prefix + ".bin", dtype=index.dtype, mode="r")
+            if size > 0
+            else np.zeros(0, dtype=index.dtype)
+        )
 
     def __len__(self) -> int:
         return int(self.document_ids.size)
 
-    def read(self, local_doc: int, offset: int, count: int) -> np.ndarray:
-        """``count`` tokens of document ``local_doc`` (index into this source) from ``offset``."""
-        stored = int(self.lengths[local_doc]) - (1 if self.append_eod else 0)
-        from_file = max(0, min(count, stored - offset))
-        parts = []
-        if from_file > 0:
-            parts.append(
-                self.dataset.get(int(self.first_sequence[local_doc]), offset, from_file).astype(
-                    np.int64
-                )
-            )
-        if from_file < count:
-            assert self.append_eod and offset + count == stored + 1
-            parts.append(np.array([self.eod_token_id], dtype=np.int64))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    def gather(self, local_docs: np.ndarray, offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Concatenated tokens: ``counts[i]`` tokens of document ``local_docs[i]`` (index into
+        this source) from ``offsets[i]``; vectorised over the pieces."""
+        total = int(counts.sum())
+        first = self._first_sequence[self.document_ids[local_docs]]
+        file_start = self._pointers[first] // self._itemsize + offsets
+        piece_of_token = np.repeat(np.arange(counts.size), counts)
+        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        out = np.empty(total, dtype=np.int64)
+        if not self.append_eod:
+            out[:] = self._tokens[file_start[piece_of_token] + within]
+            return out
+        stored = self.lengths[local_docs].astype(np.int64) - 1
+        is_eod = offsets[piece_of_token] + within >= stored[piece_of_token]
+        keep = ~is_eod
+        out[keep] = self._tokens[file_start[piece_of_token[keep]] + within[keep]]
+        out[is_eod] = self.eod_token_id
+        return out
 
 
-def _check_contiguous(prefix: str, dataset: IndexedDataset, seq_lengths: np.ndarray) -> None:
-    pointers = np.asarray(dataset.index.sequence_pointers, dtype=np.int64)
-    itemsize = np.dtype(dataset.index.dtype).itemsize
+def _check_contiguous(
+    prefix: str, pointers: np.ndarray, seq_lengths: np.ndarray, itemsize: int
+) -> None:
     if pointers.size > 1 and not np.array_equal(
         pointers[1:], pointers[:-1] + seq_lengths[:-1] * itemsize
     ):
@@ -101,10 +126,14 @@ def _check_contiguous(prefix: str, dataset: IndexedDataset, seq_lengths: np.ndar
         )
 
 
+def _index_dtype(n: int) -> type:
+    return np.int32 if n < 2**31 else np.int64
+
+
 @dataclass
 class _Epoch:
-    dataset_ids: np.ndarray  # [docs] int64
-    local_docs: np.ndarray  # [docs] int64, index into the source
+    dataset_ids: np.ndarray  # [docs] int16
+    local_docs: np.ndarray  # [docs] int32 (int64 past 2**31 documents), index into the source
     starts: np.ndarray  # [docs + 1] int64, absolute stream positions
 
 
@@ -121,8 +150,8 @@ class TokenStream:
         eod_token_id: int | None = None,
         name: str = "train",
     ) -> None:
-        if not sources:
-            raise ValueError(f"{name} stream needs at least one dataset")
+        if not sources or len(sources) >= 2**15:
+            raise ValueError(f"{name} stream needs 1 to 32767 datasets, got {len(sources)}")
         empty = [s.prefix for s in sources if s.num_tokens == 0]
         if empty:
             raise ValueError(f"{name} split of {empty} holds no tokens; check data.split")
@@ -134,34 +163,41 @@ class TokenStream:
         self.name = name
         self.quotas = blend_quotas([s.num_tokens for s in self.sources], self.weights)
         self.tokens_per_epoch_nominal = sum(self.quotas)
-        self._lock = threading.Lock()
+        # Cache locks are held only for dictionary updates, never while building, so readers of
+        # a cached epoch are not blocked while the next epoch is being built.
+        self._orders_lock = threading.Lock()
         self._orders: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._epochs: OrderedDict[int, _Epoch] = OrderedDict()
+        self._epochs_lock = threading.Lock()
+        self._epochs: OrderedDict[int, Future] = OrderedDict()
 
     # ---- one dataset's own infinite document sequence -------------------------------------
     def _dataset_epoch(self, d: int, p: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order, start offsets [n + 1]) of dataset ``d`` in its own epoch ``p``."""
         key = (d, p)
-        cached = self._orders.get(key)
-        if cached is not None:
-            self._orders.move_to_end(key)
-            return cached
+        with self._orders_lock:
+            cached = self._orders.get(key)
+            if cached is not None:
+                self._orders.move_to_end(key)
+                return cached
         n = len(self.sources[d])
         if self.shuffle:
-            order = np.random.default_rng([self.seed, d, p]).permutation(n).astype(np.int64)
+            order = stable_permutation(n, (self.seed, d, p)).astype(_index_dtype(n))
         else:
-            order = np.arange(n, dtype=np.int64)
+            order = np.arange(n, dtype=_index_dtype(n))
         starts = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(self.sources[d].lengths[order], out=starts[1:])
-        self._orders[key] = (order, starts)
-        if len(self._orders) > 4 * len(self.sources) + 4:
-            self._orders.popitem(last=False)
+        np.cumsum(self.sources[d].lengths[order], dtype=np.int64, out=starts[1:])
+        with self._orders_lock:
+            self._orders[key] = (order, starts)
+            if len(self._orders) > 3 * len(self.sources) + 3:
+                self._orders.popitem(last=False)
         return order, starts
 
     def _first_doc_at(self, d: int, target: int) -> tuple[int, int]:
         """(k, P_d(k)) for the first document of dataset ``d`` starting at or after ``target``."""
         source = self.sources[d]
         p, r = divmod(target, source.num_tokens)
+        if r == 0:  # an epoch boundary of the dataset: no need to build its next order
+            return p * len(source), target
         _, starts = self._dataset_epoch(d, p)
         i = int(np.searchsorted(starts[:-1], r, side="left"))
         return p * len(source) + i, p * source.num_tokens + int(starts[i])
@@ -193,7 +229,8 @@ class TokenStream:
             locals_.append(local)
             lengths.append(self.sources[d].lengths[local])
         dataset_ids, positions = interleave_order(lengths)
-        local_docs = np.empty(dataset_ids.size, dtype=np.int64)
+        largest = max(len(s) for s in self.sources)
+        local_docs = np.empty(dataset_ids.size, dtype=_index_dtype(largest))
         doc_lengths = np.empty(dataset_ids.size, dtype=np.int64)
         for d in range(len(self.sources)):
             sel = dataset_ids == d
@@ -203,24 +240,39 @@ class TokenStream:
         starts[0] = self._epoch_start(e)
         np.cumsum(doc_lengths, out=starts[1:])
         starts[1:] += starts[0]
-        return _Epoch(dataset_ids, local_docs, starts)
+        return _Epoch(dataset_ids.astype(np.int16), local_docs, starts)
 
     def _epoch(self, e: int) -> _Epoch:
-        with self._lock:
-            cached = self._epochs.get(e)
-            if cached is None:
-                cached = self._build_epoch(e)
-                self._epochs[e] = cached
-                if len(self._epochs) > 3:
+        """Epoch ``e``, built once; concurrent callers wait for the one building it."""
+        with self._epochs_lock:
+            future = self._epochs.get(e)
+            owner = future is None
+            if owner:
+                future = Future()
+                self._epochs[e] = future
+                if len(self._epochs) > 3:  # previous, current, next
                     self._epochs.popitem(last=False)
             else:
                 self._epochs.move_to_end(e)
-            return cached
+        if owner:
+            try:
+                future.set_result(self._build_epoch(e))
+            except BaseException as exc:
+                with self._epochs_lock:
+                    self._epochs.pop(e, None)
+                future.set_exception(exc)
+        return future.result()
+
+    def _prepare_next_epoch(self, e: int) -> None:
+        """Build epoch ``e`` in a background thread unless it is cached or being built."""
+        with self._epochs_lock:
+            if e in self._epochs:
+                return
+        threading.Thread(target=self._epoch, args=(e,), name="epoch-build").start()
 
     def epoch_of(self, position: int) -> int:
         """The blended epoch holding token ``position`` (0-based)."""
-        with self._lock:
-            return self._epoch_of(position)
+        return self._epoch_of(position)
 
     # ---- public reading -------------------------------------------------------------------
     def read(self, start_token: int, num_tokens: int) -> np.ndarray:
@@ -228,21 +280,30 @@ class TokenStream:
         if start_token < 0 or num_tokens < 0:
             raise ValueError(f"read({start_token}, {num_tokens}): negative position or count")
         out = np.empty(num_tokens, dtype=np.int64)
-        filled, position = 0, int(start_token)
-        while filled < num_tokens:
-            epoch = self._epoch(self.epoch_of(position))
-            i = int(np.searchsorted(epoch.starts, position, side="right")) - 1
-            while filled < num_tokens and i < epoch.dataset_ids.size:
-                offset = position - int(epoch.starts[i])
-                take = min(int(epoch.starts[i + 1]) - position, num_tokens - filled)
-                if take > 0:
-                    source = self.sources[int(epoch.dataset_ids[i])]
-                    out[filled : filled + take] = source.read(
-                        int(epoch.local_docs[i]), offset, take
-                    )
-                    filled += take
-                    position += take
-                i += 1
+        position, end = int(start_token), int(start_token) + int(num_tokens)
+        while position < end:
+            e = self.epoch_of(position)
+            epoch = self._epoch(e)
+            assert epoch.starts[0] <= position < epoch.starts[-1], (position, epoch.starts[[0, -1]])
+            stop = min(end, int(epoch.starts[-1]))
+            first = int(np.searchsorted(epoch.starts, position, side="right")) - 1
+            last = int(np.searchsorted(epoch.starts, stop, side="left"))  # docs starting < stop
+            docs = slice(first, last)
+            piece_start = np.maximum(epoch.starts[docs], position)
+            counts = np.minimum(epoch.starts[first + 1 : last + 1], stop) - piece_start
+            offsets = piece_start - epoch.starts[docs]
+            target = out[position - start_token : stop - start_token]
+            ids = epoch.dataset_ids[docs]
+            for d in np.unique(ids):
+                sel = ids == d
+                tokens = self.sources[int(d)].gather(
+                    epoch.local_docs[docs][sel], offsets[sel], counts[sel]
+                )
+                target[np.repeat(sel, counts)] = tokens
+            position = stop
+            if 2 * (position - epoch.starts[0]) > epoch.starts[-1] - epoch.starts[0]:
+                # Past half of the epoch: have the next one ready before it is needed.
+                self._prepare_next_epoch(e + 1)
         return out
 
     def locate(self, position: int) -> tuple[int, int, int]:

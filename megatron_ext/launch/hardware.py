@@ -133,8 +133,10 @@ def parse_nvidia_smi_topo(text: str) -> GpuTopology:
             continue
         matrix = cells[1 : 1 + len(gpu_cols) + len(nic_cols)]
         if len(matrix) < len(gpu_cols):
-            raise ValueError(f"nvidia-smi topo row {cells[0]!r} has {len(matrix)} link cells, "
-                             f"the header names {len(gpu_cols)} GPUs")
+            raise ValueError(
+                f"nvidia-smi topo row {cells[0]!r} has {len(matrix)} link cells, "
+                f"the header names {len(gpu_cols)} GPUs"
+            )
         rest = dict(zip(extra_cols, [c for c in cells[1 + len(matrix) :] if c]))
         links.append(matrix[: len(gpu_cols)])
         cpu_aff.append(rest.get("CPU Affinity", ""))
@@ -161,16 +163,19 @@ def read_ib_ports(sysfs_root: str | Path = "/sys") -> list[IbPort]:
             continue
         for port_dir in sorted(ports_dir.iterdir(), key=lambda p: _natural_key(p.name)):
             link_layer = _read_word(port_dir / "link_layer", last=True)
-            ports.append(IbPort(
-                hca=hca_dir.name,
-                port=int(port_dir.name),
-                state=_read_word(port_dir / "state", last=True),
-                phys_state=_read_word(port_dir / "phys_state", last=True),
-                link_layer=link_layer,
-                rate=_read_text(port_dir / "rate"),
-                roce_v2_ipv4_gid_index=_roce_v2_ipv4_gid(port_dir) if link_layer == "Ethernet"
-                else None,
-            ))
+            ports.append(
+                IbPort(
+                    hca=hca_dir.name,
+                    port=int(port_dir.name),
+                    state=_read_word(port_dir / "state", last=True),
+                    phys_state=_read_word(port_dir / "phys_state", last=True),
+                    link_layer=link_layer,
+                    rate=_read_text(port_dir / "rate"),
+                    roce_v2_ipv4_gid_index=_roce_v2_ipv4_gid(port_dir)
+                    if link_layer == "Ethernet"
+                    else None,
+                )
+            )
     return ports
 
 
@@ -183,8 +188,11 @@ def parse_ip_addr(text: str) -> list[NetInterface]:
             flags = head.group(2).split(",")
             state = re.search(r"\bstate (\S+)", head.group(3))
             # "state UNKNOWN" is normal for loopback and some virtual links: trust LOWER_UP then.
-            is_up = "UP" in flags and "LOWER_UP" in flags and (
-                state is None or state.group(1) in ("UP", "UNKNOWN"))
+            is_up = (
+                "UP" in flags
+                and "LOWER_UP" in flags
+                and (state is None or state.group(1) in ("UP", "UNKNOWN"))
+            )
             interfaces.append(NetInterface(head.group(1), is_up, "", []))
             continue
         if not interfaces:
@@ -254,8 +262,11 @@ def _roce_v2_ipv4_gid(port_dir: Path) -> int | None:
     for entry in sorted(gids.iterdir(), key=lambda p: _natural_key(p.name)):
         gid = _read_text(entry)
         kind = _read_text(port_dir / "gid_attrs" / "types" / entry.name)
-        if kind == "RoCE v2" and gid.startswith("0000:0000:0000:0000:0000:ffff:") and not \
-                gid.endswith("0000:0000"):
+        if (
+            kind == "RoCE v2"
+            and gid.startswith("0000:0000:0000:0000:0000:ffff:")
+            and not gid.endswith("0000:0000")
+        ):
             return int(entry.name)
     return None
 

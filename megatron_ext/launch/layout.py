@@ -49,8 +49,11 @@ def read_parallel_layout(config_path: str | None, train_args: Sequence[str] = ()
             if arg.startswith(prefix):
                 values[name] = _positive_int(yaml.safe_load(arg[len(prefix) :]), arg)
                 sources.append(arg)
-    return ParallelLayout(values[_FIELDS[0]], values[_FIELDS[1]],
-                          " + ".join(sources) if sources else ParallelLayout.source)
+    return ParallelLayout(
+        values[_FIELDS[0]],
+        values[_FIELDS[1]],
+        " + ".join(sources) if sources else ParallelLayout.source,
+    )
 
 
 def config_path_from_args(train_args: Sequence[str]) -> str | None:
@@ -83,27 +86,32 @@ def advise_layout(
         warnings.append(
             f"world size {world} ({nnodes} nodes x {gpus_per_node}) is not divisible by "
             f"TP x PP = {tp} x {pp} = {model_parallel}: the parallel groups cannot be formed; "
-            "change the node count or parallel.tensor/pipeline_model_parallel_size")
+            "change the node count or parallel.tensor/pipeline_model_parallel_size"
+        )
     else:
         notes.append(f"world size {world} = TP {tp} x PP {pp} x DP {world // model_parallel}")
     if tp > gpus_per_node:
         warnings.append(
             f"TP={tp} is larger than the {gpus_per_node} ranks per node: every tensor-parallel "
             "all-reduce crosses the inter-node network (several times per layer); keep "
-            f"TP <= {gpus_per_node} and use PP / DP across nodes")
+            f"TP <= {gpus_per_node} and use PP / DP across nodes"
+        )
     elif gpus_per_node % tp:
         warnings.append(
             f"TP={tp} does not divide the {gpus_per_node} ranks per node: some tensor-parallel "
-            f"groups straddle two nodes; use a TP that divides {gpus_per_node}")
+            f"groups straddle two nodes; use a TP that divides {gpus_per_node}"
+        )
     if nvlink_domain_size is not None and tp > 1 and tp <= gpus_per_node:
         if nvlink_domain_size <= 1:
             warnings.append(
                 f"TP={tp} on GPUs without NVLink between them: tensor-parallel all-reduces run "
-                "over PCIe; prefer TP=1 with more PP / DP on this hardware")
+                "over PCIe; prefer TP=1 with more PP / DP on this hardware"
+            )
         elif tp > nvlink_domain_size or nvlink_domain_size % tp:
             warnings.append(
                 f"TP={tp} does not fit the NVLink domains of {nvlink_domain_size} GPUs: some "
-                "tensor-parallel traffic goes over PCIe")
+                "tensor-parallel traffic goes over PCIe"
+            )
         else:
             notes.append(f"TP={tp} stays inside one NVLink domain of {nvlink_domain_size} GPUs")
     return notes, warnings

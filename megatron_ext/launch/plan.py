@@ -105,7 +105,6 @@ def build_torchrun_argv(spec: LaunchSpec, node_rank: int, prefix: Sequence[str])
         f"--rdzv-conf=is_host={1 if node_rank == 0 else 0}",
         f"--max-restarts={spec.max_restarts}",
         f"--signals-to-handle={SIGNALS_TO_HANDLE}",
-        f"--shutdown-timeout={spec.shutdown_timeout}",
     ]
     if spec.entry.endswith(".py"):
         argv.append(spec.entry)
@@ -133,38 +132,59 @@ def plan_nodes(spec: LaunchSpec, prefix: Sequence[str]) -> list[NodeLaunch]:
     """Every node's launch, node rank 0 first."""
     ranges = global_rank_ranges(spec)
     return [
-        NodeLaunch(r, spec.hosts[r] if spec.hosts else None, ranges[r],
-                   build_torchrun_argv(spec, r, prefix))
+        NodeLaunch(
+            r,
+            spec.hosts[r] if spec.hosts else None,
+            ranges[r],
+            build_torchrun_argv(spec, r, prefix),
+        )
         for r in range(spec.nnodes)
     ]
 
 
 def spec_from_slurm(
-    environ: Mapping[str, str], train_args: list[str], nproc_per_node: int, nproc_reason: str,
-    port: int | None = None, entry: str = "megatron_ext.train",
+    environ: Mapping[str, str],
+    train_args: list[str],
+    nproc_per_node: int,
+    nproc_reason: str,
+    port: int | None = None,
+    entry: str = "megatron_ext.train",
 ) -> LaunchSpec:
     """The job as SLURM describes it: hosts, node count, job id (rendezvous id and port)."""
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
     if not nodelist or not job_id:
-        raise ValueError("--slurm needs SLURM_JOB_NODELIST and SLURM_JOB_ID (set by SLURM; set "
-                         "them yourself for a dry run, e.g. SLURM_JOB_NODELIST='gpu[01-04]')")
+        raise ValueError(
+            "--slurm needs SLURM_JOB_NODELIST and SLURM_JOB_ID (set by SLURM; set "
+            "them yourself for a dry run, e.g. SLURM_JOB_NODELIST='gpu[01-04]')"
+        )
     hosts = expand_hostlist(nodelist)
     nnodes_text = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES")
     if nnodes_text and int(nnodes_text) != len(hosts):
-        raise ValueError(f"SLURM_JOB_NUM_NODES={nnodes_text} but {nodelist!r} names "
-                         f"{len(hosts)} hosts")
-    reasons = {"nproc_per_node": nproc_reason,
-               "rendezvous": f"first host of SLURM_JOB_NODELIST={nodelist}, id = SLURM_JOB_ID"}
+        raise ValueError(
+            f"SLURM_JOB_NUM_NODES={nnodes_text} but {nodelist!r} names {len(hosts)} hosts"
+        )
+    reasons = {
+        "nproc_per_node": nproc_reason,
+        "rendezvous": f"first host of SLURM_JOB_NODELIST={nodelist}, id = SLURM_JOB_ID",
+    }
     if port is None:
         # Derived from the job id so that two jobs sharing a first node do not collide.
         port = DEFAULT_PORT + int(job_id) % 1000 if job_id.isdigit() else DEFAULT_PORT
         reasons["port"] = f"{DEFAULT_PORT} + SLURM_JOB_ID mod 1000 (no MASTER_PORT set)"
     else:
         reasons["port"] = "given (--rdzv-port or MASTER_PORT)"
-    return LaunchSpec(nnodes=len(hosts), nproc_per_node=nproc_per_node, rdzv_host=hosts[0],
-                      rdzv_port=port, rdzv_id=job_id, train_args=train_args, entry=entry,
-                      hosts=hosts, reasons=reasons)
+    return LaunchSpec(
+        nnodes=len(hosts),
+        nproc_per_node=nproc_per_node,
+        rdzv_host=hosts[0],
+        rdzv_port=port,
+        rdzv_id=job_id,
+        train_args=train_args,
+        entry=entry,
+        hosts=hosts,
+        reasons=reasons,
+    )
 
 
 def resolve_nproc_per_node(
@@ -192,32 +212,44 @@ def assess_node(
 ) -> tuple[NodeEnvironment, list[str]]:
     """Environment for this node plus layout notes; layout warnings join the env warnings."""
     env = derive_environment(
-        node, nnodes=spec.nnodes, nproc_per_node=spec.nproc_per_node,
-        tensor_parallel=layout.tensor_model_parallel_size, rdzv_host=spec.rdzv_host,
-        environ=environ, num_cpus=usable_cpus(),
+        node,
+        nnodes=spec.nnodes,
+        nproc_per_node=spec.nproc_per_node,
+        tensor_parallel=layout.tensor_model_parallel_size,
+        rdzv_host=spec.rdzv_host,
+        environ=environ,
+        num_cpus=usable_cpus(),
+        shutdown_timeout=spec.shutdown_timeout,
         route_source_ip=source_ip_towards(spec.rdzv_host) if live_routing else None,
     )
     domains = node.gpus.nvlink_domains() if node.gpus else None
     notes, warnings = advise_layout(
-        layout, nnodes=spec.nnodes, gpus_per_node=spec.nproc_per_node,
-        nvlink_domain_size=min(len(d) for d in domains) if domains else None)
+        layout,
+        nnodes=spec.nnodes,
+        gpus_per_node=spec.nproc_per_node,
+        nvlink_domain_size=min(len(d) for d in domains) if domains else None,
+    )
     env.warnings.extend(warnings)
     return env, notes
 
 
-def format_node(launch: NodeLaunch, spec: LaunchSpec, env: NodeEnvironment,
-                notes: list[str]) -> str:
+def format_node(
+    launch: NodeLaunch, spec: LaunchSpec, env: NodeEnvironment, notes: list[str]
+) -> str:
     """Human-readable and shell-pasteable: ``export`` lines with reasons, then the command."""
     ranks = launch.global_ranks
     host = f" ({launch.host})" if launch.host else ""
-    lines = [f"# node {launch.node_rank} of {spec.nnodes}{host}: global ranks "
-             f"{ranks.start}-{ranks.stop - 1} of world size {spec.world_size}"]
+    lines = [
+        f"# node {launch.node_rank} of {spec.nnodes}{host}: global ranks "
+        f"{ranks.start}-{ranks.stop - 1} of world size {spec.world_size}"
+    ]
     lines += [f"#   {key}: {why}" for key, why in spec.reasons.items()]
     lines += [f"# note: {n}" for n in notes]
     lines += [f"# WARNING: {w}" for w in env.warnings]
     for choice in env.choices:
-        lines.append(f"export {choice.name}={shlex.quote(choice.value)}  "
-                     f"# [{choice.source}] {choice.reason}")
+        lines.append(
+            f"export {choice.name}={shlex.quote(choice.value)}  # [{choice.source}] {choice.reason}"
+        )
     lines.append(shlex.join(launch.argv))
     return "\n".join(lines)
 
@@ -225,57 +257,73 @@ def format_node(launch: NodeLaunch, spec: LaunchSpec, env: NodeEnvironment,
 def main(argv: list[str] | None = None) -> int:
     args, train_args = _parse(argv)
     environ = dict(os.environ)
-    dry_run = args.dry_run or environ.get("DRY_RUN", "0") not in ("", "0")
+    dry_run = args.dry_run or environ.get("DRY_RUN", "0").lower() not in ("", "0", "false", "no")
     try:
         node = detect_node(args.nvidia_smi_topo, args.sysfs_root, args.ip_addr)
         nproc, nproc_reason = resolve_nproc_per_node(args.nproc_per_node, node, environ)
-        port = args.rdzv_port or (int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ
-                                  else None)
+        port = args.rdzv_port or (int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None)
         if args.slurm:
             spec = spec_from_slurm(environ, train_args, nproc, nproc_reason, port, args.entry)
         else:
             host, _, endpoint_port = (args.rdzv_endpoint or "127.0.0.1").partition(":")
             spec = LaunchSpec(
-                nnodes=args.nnodes, nproc_per_node=nproc, rdzv_host=host,
+                nnodes=args.nnodes,
+                nproc_per_node=nproc,
+                rdzv_host=host,
                 rdzv_port=int(endpoint_port or port or DEFAULT_PORT),
                 rdzv_id=args.rdzv_id or environ.get("SLURM_JOB_ID", "megatron_ext"),
-                train_args=train_args, entry=args.entry,
-                reasons={"nproc_per_node": nproc_reason,
-                         "rendezvous": "given" if args.rdzv_endpoint else
-                         "this machine (one node, no --rdzv-endpoint)"})
+                train_args=train_args,
+                entry=args.entry,
+                reasons={
+                    "nproc_per_node": nproc_reason,
+                    "rendezvous": "given"
+                    if args.rdzv_endpoint
+                    else "this machine (one node, no --rdzv-endpoint)",
+                },
+            )
         spec.shutdown_timeout = args.shutdown_timeout
         spec.max_restarts = args.max_restarts
         layout = read_parallel_layout(config_path_from_args(train_args), train_args)
+        node_rank = None if dry_run else _this_node_rank(args, environ, spec.nnodes)
     except (OSError, ValueError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 2
     spec.reasons["layout"] = layout.source
-    env, notes = assess_node(node, spec, layout, environ,
-                             live_routing=not (dry_run or args.ip_addr))
+    env, notes = assess_node(
+        node, spec, layout, environ, live_routing=not (dry_run or args.ip_addr)
+    )
     nodes = plan_nodes(spec, torchrun_prefix())
     if dry_run:
         print(f"# DRY RUN: nothing is started. Topology: {node.sources}")
         if spec.nnodes > 1:
-            print("# each node derives its environment from its own topology at run time; "
-                  "shown here: this machine's (or the recorded one given)")
+            print(
+                "# each node derives its environment from its own topology at run time; "
+                "shown here: this machine's (or the recorded one given)"
+            )
         for launch in nodes:
             print(format_node(launch, spec, env, notes) + "\n")
         return 0
-    node_rank = _this_node_rank(args, environ)
-    if not 0 <= node_rank < spec.nnodes:
-        print(f"launch: node rank {node_rank} is outside 0..{spec.nnodes - 1}", file=sys.stderr)
-        return 2
+    assert node_rank is not None
     print(format_node(nodes[node_rank], spec, env, notes), flush=True)
     os.execvpe(nodes[node_rank].argv[0], nodes[node_rank].argv, {**environ, **env.as_dict()})
     return 0  # not reached: exec replaced this process
 
 
-def _this_node_rank(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+def _this_node_rank(args: argparse.Namespace, environ: Mapping[str, str], nnodes: int) -> int:
     if args.node_rank is not None:
-        return args.node_rank
-    if args.slurm:
-        return int(environ["SLURM_NODEID"])
-    return int(environ.get("NODE_RANK", "0"))
+        rank, source = args.node_rank, "--node-rank"
+    elif args.slurm:
+        if "SLURM_NODEID" not in environ:
+            raise ValueError(
+                "--slurm without --dry-run runs inside `srun`, which sets "
+                "SLURM_NODEID; it is not set"
+            )
+        rank, source = environ["SLURM_NODEID"], "SLURM_NODEID"
+    else:
+        rank, source = environ.get("NODE_RANK", "0"), "NODE_RANK"
+    if not str(rank).isdigit() or not 0 <= int(rank) < nnodes:
+        raise ValueError(f"{source}={rank} is not a node rank in 0..{nnodes - 1}")
+    return int(rank)
 
 
 def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -287,28 +335,52 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_ext.launch.plan",
         description="Print or start this node's torchrun command with a topology-derived "
-                    "environment. Training arguments go after `--`.")
+        "environment. Training arguments go after `--`.",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print, start nothing (DRY_RUN=1)")
     parser.add_argument("--slurm", action="store_true", help="take nodes / ids from SLURM_*")
     parser.add_argument("--nnodes", type=int, default=1)
-    parser.add_argument("--node-rank", type=int, default=None,
-                        help="this node (default: SLURM_NODEID with --slurm, else NODE_RANK or 0)")
-    parser.add_argument("--nproc-per-node", default=os.environ.get("NPROC_PER_NODE"),
-                        help="ranks per node (default: GPUs found, 1 without GPUs)")
+    parser.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help="this node (default: SLURM_NODEID with --slurm, else NODE_RANK or 0)",
+    )
+    parser.add_argument(
+        "--nproc-per-node",
+        default=os.environ.get("NPROC_PER_NODE"),
+        help="ranks per node (default: GPUs found, 1 without GPUs)",
+    )
     parser.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of node 0")
     parser.add_argument("--rdzv-port", type=int, default=None)
     parser.add_argument("--rdzv-id", default=None, help="same on all nodes of one job")
-    parser.add_argument("--entry", default="megatron_ext.train",
-                        help="training module, or a script path ending in .py")
-    parser.add_argument("--shutdown-timeout", type=int, default=240,
-                        help="seconds ranks get to save a checkpoint after a signal")
+    parser.add_argument(
+        "--entry",
+        default="megatron_ext.train",
+        help="training module, or a script path ending in .py",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=240,
+        help="seconds ranks get to save a checkpoint after a signal",
+    )
     parser.add_argument("--max-restarts", type=int, default=0)
-    parser.add_argument("--nvidia-smi-topo", default=os.environ.get("LAUNCH_NVIDIA_SMI_TOPO"),
-                        help="recorded `nvidia-smi topo -m` output instead of running it")
-    parser.add_argument("--sysfs-root", default=os.environ.get("LAUNCH_SYSFS_ROOT"),
-                        help="directory holding class/infiniband instead of /sys")
-    parser.add_argument("--ip-addr", default=os.environ.get("LAUNCH_IP_ADDR"),
-                        help="recorded `ip addr show` output instead of running it")
+    parser.add_argument(
+        "--nvidia-smi-topo",
+        default=os.environ.get("LAUNCH_NVIDIA_SMI_TOPO"),
+        help="recorded `nvidia-smi topo -m` output instead of running it",
+    )
+    parser.add_argument(
+        "--sysfs-root",
+        default=os.environ.get("LAUNCH_SYSFS_ROOT"),
+        help="directory holding class/infiniband instead of /sys",
+    )
+    parser.add_argument(
+        "--ip-addr",
+        default=os.environ.get("LAUNCH_IP_ADDR"),
+        help="recorded `ip addr show` output instead of running it",
+    )
     args = parser.parse_args(argv)
     if args.nnodes < 1:
         parser.error("--nnodes must be at least 1")

@@ -1,4 +1,4 @@
-"""Report a node's GPU / NVLink / InfiniBand / network topology and the launch environment it implies.
+"""Report a node's GPU, NVLink, InfiniBand and network topology and the launch environment.
 
 On the machine itself (CPU example; no GPU and no RDMA device found is a valid answer):
 
@@ -43,26 +43,35 @@ def describe_node(node: NodeTopology) -> list[str]:
                 links = sorted({gpus.nvlink_count(a, b) for a in domain for b in domain if a != b})
                 lines.append(f"NVLink domain: GPUs {domain} (NV{'/NV'.join(map(str, links))})")
         for i in range(gpus.num_gpus):
-            lines.append(f"GPU{i}: CPUs {gpus.cpu_affinity[i] or '?'}, "
-                         f"NUMA {gpus.numa_affinity[i] or '?'}")
+            lines.append(
+                f"GPU{i}: CPUs {gpus.cpu_affinity[i] or '?'}, NUMA {gpus.numa_affinity[i] or '?'}"
+            )
         if gpus.nic_names:
             lines.append(f"NICs in nvidia-smi legend: {', '.join(gpus.nic_names)}")
     else:
         lines.append("GPUs: none")
     for port in node.ib_ports:
-        extra = (f", RoCE v2 IPv4 GID {port.roce_v2_ipv4_gid_index}"
-                 if port.is_roce and port.roce_v2_ipv4_gid_index is not None else "")
-        lines.append(f"RDMA {port.name}: {port.state} / {port.phys_state}, "
-                     f"{port.link_layer}, {port.rate}{extra}")
+        extra = (
+            f", RoCE v2 IPv4 GID {port.roce_v2_ipv4_gid_index}"
+            if port.is_roce and port.roce_v2_ipv4_gid_index is not None
+            else ""
+        )
+        lines.append(
+            f"RDMA {port.name}: {port.state} / {port.phys_state}, "
+            f"{port.link_layer}, {port.rate}{extra}"
+        )
     for iface in node.interfaces:
-        lines.append(f"interface {iface.name}: {'up' if iface.is_up else 'down'}, "
-                     f"{iface.link_type or '?'}, IPv4 {', '.join(iface.ipv4) or 'none'}")
+        lines.append(
+            f"interface {iface.name}: {'up' if iface.is_up else 'down'}, "
+            f"{iface.link_type or '?'}, IPv4 {', '.join(iface.ipv4) or 'none'}"
+        )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_ext.launch.topology",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_ext.launch.topology", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--nvidia-smi-topo", help="recorded `nvidia-smi topo -m` output")
     parser.add_argument("--sysfs-root", help="directory holding class/infiniband (default /sys)")
     parser.add_argument("--ip-addr", help="recorded `ip addr show` output")
@@ -82,23 +91,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"topology: {exc}", file=sys.stderr)
         return 2
     if args.tp or args.pp:
-        layout = ParallelLayout(args.tp or layout.tensor_model_parallel_size,
-                                args.pp or layout.pipeline_model_parallel_size, "command line")
+        layout = ParallelLayout(
+            args.tp or layout.tensor_model_parallel_size,
+            args.pp or layout.pipeline_model_parallel_size,
+            "command line",
+        )
     nproc = args.nproc_per_node or node.num_gpus or 1
-    env = derive_environment(node, nnodes=args.nnodes, nproc_per_node=nproc,
-                             tensor_parallel=layout.tensor_model_parallel_size,
-                             rdzv_host=args.rdzv_host, environ=dict(os.environ),
-                             num_cpus=usable_cpus())
+    env = derive_environment(
+        node,
+        nnodes=args.nnodes,
+        nproc_per_node=nproc,
+        tensor_parallel=layout.tensor_model_parallel_size,
+        rdzv_host=args.rdzv_host,
+        environ=dict(os.environ),
+        num_cpus=usable_cpus(),
+    )
     domains = node.gpus.nvlink_domains() if node.gpus else None
     notes, layout_warnings = advise_layout(
-        layout, nnodes=args.nnodes, gpus_per_node=nproc,
-        nvlink_domain_size=min(len(d) for d in domains) if domains else None)
+        layout,
+        nnodes=args.nnodes,
+        gpus_per_node=nproc,
+        nvlink_domain_size=min(len(d) for d in domains) if domains else None,
+    )
     warnings = env.warnings + layout_warnings
     if args.format == "json":
-        print(json.dumps({"node": dataclasses.asdict(node),
-                          "environment": [dataclasses.asdict(c) for c in env.choices],
-                          "layout": dataclasses.asdict(layout), "notes": notes,
-                          "warnings": warnings}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "node": dataclasses.asdict(node),
+                    "environment": [dataclasses.asdict(c) for c in env.choices],
+                    "layout": dataclasses.asdict(layout),
+                    "notes": notes,
+                    "warnings": warnings,
+                },
+                indent=2,
+            )
+        )
     elif args.format == "env":
         for choice in env.choices:
             print(f"export {choice.name}={shlex.quote(choice.value)}")
@@ -106,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"WARNING: {warning}", file=sys.stderr)
     else:
         print("\n".join(describe_node(node)))
-        print(f"layout: TP={layout.tensor_model_parallel_size} "
-              f"PP={layout.pipeline_model_parallel_size} from {layout.source}; "
-              f"{args.nnodes} node(s) x {nproc} rank(s)")
+        print(
+            f"layout: TP={layout.tensor_model_parallel_size} "
+            f"PP={layout.pipeline_model_parallel_size} from {layout.source}; "
+            f"{args.nnodes} node(s) x {nproc} rank(s)"
+        )
         for choice in env.choices:
             print(f"{choice.name}={choice.value}  [{choice.source}] {choice.reason}")
         for note in notes:

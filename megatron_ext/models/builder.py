@@ -13,7 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.models.config import ModelConfig, PrecisionConfig
-from megatron_ext.models.specs import get_layer_spec, resolve_backend
+from megatron_ext.models.specs import get_block_spec, get_layer_spec, resolve_backend
 from megatron_ext.parallel.config import ParallelConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -84,7 +84,13 @@ def build_transformer_config(
         recompute_granularity=recompute,
         recompute_method=model.recompute_method if recompute == "full" else None,
         recompute_num_layers=model.recompute_num_layers if recompute == "full" else None,
-        deallocate_pipeline_outputs=True,
+        # Freeing a sent activation early is safe on CUDA streams, but gloo's isend still reads
+        # the buffer from its own thread after the call returns.
+        deallocate_pipeline_outputs=on_gpu,
+        # Batched p2p posts each rank's sends and receives in one fixed order; with gloo and two
+        # stages (the interleaved schedule sends both ways to the same peer) the activation and
+        # the gradient then arrive in each other's buffers. Per-op p2p orders them by rank parity.
+        batch_p2p_comm=on_gpu,
         **fp8_kwargs,
     )
 
@@ -108,7 +114,7 @@ def build_model(
         vp = vp_stage if parallel.virtual_pipeline_model_parallel_size else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=get_block_spec(spec, backend, config, vp),
             vocab_size=vocab,
             max_sequence_length=model.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),

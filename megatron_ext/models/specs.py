@@ -15,6 +15,7 @@ import importlib.util
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ext.models.attention import SDPACoreAttention
+from megatron_ext.models.norm import RMSNorm
 
 
 def transformer_engine_available() -> bool:
@@ -56,8 +57,27 @@ def get_layer_spec(backend: str, attention_backend: str = "sdpa") -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     if attention_backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     elif attention_backend != "unfused":
         raise ValueError(f"unknown attention backend {attention_backend!r}")
     return spec
+
+
+def get_block_spec(layer_spec: ModuleSpec, backend: str, config, vp_stage: int | None):
+    """The decoder-block spec of this pipeline stage: its layers and the final norm.
+
+    Passing a block spec (rather than a layer spec) lets the local backend use our RMSNorm for
+    the final norm too, instead of megatron-core's torch fallback that refuses sequence parallel.
+    """
+    if backend == "transformer_engine":
+        return layer_spec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=RMSNorm)

@@ -20,6 +20,8 @@ runs. What it changes, process-wide and reversibly (``uninstall_cpu_compat``):
 * A ``TorchFunctionMode`` rewrites any CUDA device argument (``"cuda"``, ``"cuda:0"``, ``0``,
   ``torch.device("cuda")``) of torch factory functions, ``Tensor.to`` and ``Tensor.cuda`` to CPU, and
   answers ``Tensor.type()`` with the CUDA type name megatron-core's optimizers expect.
+* The same redirection is re-entered inside custom autograd ``backward`` functions, which do
+  not inherit torch-function modes.
 * ``dist_checkpointing``'s file writer gets a results queue that needs no manager process (see
   ``_patch_dist_checkpointing``).
 """
@@ -230,6 +232,25 @@ def _patch_dist_checkpointing(saved: list) -> None:
     _patch(filesystem_async, "_get_write_results_queue", lambda: local_queue, saved)
 
 
+def _patch_autograd_backward(saved: list) -> None:
+    """Keep the device redirection active inside custom autograd backward passes.
+
+    Python torch-function modes are thread-local state that the autograd engine does not carry into
+    backward, and megatron-core's autograd Functions (tensor-parallel linear layers, sequence-parallel
+    gathers) allocate with ``device=torch.cuda.current_device()`` there. Every Python ``backward``
+    goes through ``BackwardCFunction.apply``, so the mode is re-entered around it.
+    """
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply_on_cpu(self, *args):
+        with _CpuDeviceMode():
+            return original(self, *args)
+
+    _patch(BackwardCFunction, "apply", apply_on_cpu, saved)
+
+
 def install_cpu_compat() -> None:
     """Map megatron-core's CUDA calls to CPU for this process. Idempotent."""
     global _installed
@@ -243,6 +264,7 @@ def install_cpu_compat() -> None:
         _patch(torch.cuda.random, "set_rng_state", torch.cuda.set_rng_state, saved)
         _patch_megatron_rng(saved)
         _patch_dist_checkpointing(saved)
+        _patch_autograd_backward(saved)
         mode = _CpuDeviceMode()
         mode.__enter__()
         _installed = {"saved": saved, "mode": mode}

@@ -37,11 +37,10 @@ def export_hf_tokenizer(
     sp = sentencepiece.SentencePieceProcessor(model_file=os.fspath(model_path))
     _check_exportable(sp, model_path)
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    special = [
-        i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)
-    ]
+    special = [i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
     mergeable = [
-        i for i in range(sp.get_piece_size())
+        i
+        for i in range(sp.get_piece_size())
         if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))
     ]
     merges = []

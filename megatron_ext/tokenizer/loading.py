@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,12 +66,55 @@ class SentencePieceTokenizer:
         self.pad: int | None = _non_negative(self._sp.pad_id())
         self.unk: int | None = _non_negative(self._sp.unk_id())
 
+        # Word caches (see tokenize_batch): ids of the text before the first space, and of
+        # " " + each part after a space, keyed by the part.
+        self._use_word_cache = _splits_at_spaces(self._sp)
+        self._first_words: dict[str, list[int]] = {}
+        self._spaced_words: dict[str, list[int]] = {}
+
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        # One C++ call per batch; one thread because preprocessing runs one process per core.
-        return self._sp.encode(texts, out_type=int, num_threads=1)
+        """Same ids as ``tokenize`` on each text, faster on text with spaces.
+
+        For models whose pieces never hold a space except as their first character and that do
+        not normalise (what ``train_tokenizer`` writes), the ids of a text are the ids of its
+        pieces cut before each space put together, so each distinct word is encoded only once.
+        """
+        if not self._use_word_cache:
+            # One C++ call per batch; one thread because preprocessing runs a process per core.
+            return self._sp.encode(texts, out_type=int, num_threads=1)
+        first, spaced = self._first_words, self._spaced_words
+        parts_per_text = [text.split(" ") for text in texts]
+        new_first = {parts[0] for parts in parts_per_text}.difference(first)
+        new_spaced = set(chain.from_iterable(p[1:] for p in parts_per_text)).difference(spaced)
+        self._encode_into(first, new_first, "")
+        self._encode_into(spaced, new_spaced, " ")
+        get = spaced.__getitem__
+        result = []
+        for parts in parts_per_text:
+            ids = list(first[parts[0]])
+            ids.extend(chain.from_iterable(map(get, islice(parts, 1, None))))
+            result.append(ids)
+        self._forget(first, new_first)
+        self._forget(spaced, new_spaced)
+        return result
+
+    def _encode_into(self, cache: dict[str, list[int]], words: set[str], prefix: str) -> None:
+        if words:
+            order = list(words)
+            encoded = self._sp.encode([prefix + w for w in order], out_type=int, num_threads=1)
+            cache.update(zip(order, encoded))
+
+    @staticmethod
+    def _forget(cache: dict[str, list[int]], new: set[str]) -> None:
+        # Keep new words unless they are long (runs without spaces, e.g. CJK, rarely recur) or
+        # the cache is full: by then it holds the frequent words, which come first.
+        full = len(cache) > _MAX_CACHED_WORDS
+        for word in new:
+            if full or len(word) > _MAX_CACHED_WORD_CHARS:
+                del cache[word]
 
     def detokenize(self, ids: Any) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -102,7 +146,9 @@ class HuggingFaceTokenizer:
             self._backend = backend
             config = {**config, "eos_token": config.get("eos_token") or auto.eos_token}
         else:
-            raise ValueError(f"HuggingFaceTokenizer: expected tokenizer.json or a directory: {path}")
+            raise ValueError(
+                f"HuggingFaceTokenizer: expected tokenizer.json or a directory: {path}"
+            )
         # Literal "<s>" in a document is text, not a control token: same ids as SentencePiece.
         self._backend.encode_special_tokens = True
         self.model_path = str(path)
@@ -137,13 +183,17 @@ class HuggingFaceTokenizer:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def load_tokenizer(tokenizer_type: str, model_path: str) -> SentencePieceTokenizer | HuggingFaceTokenizer:
+def load_tokenizer(
+    tokenizer_type: str, model_path: str
+) -> SentencePieceTokenizer | HuggingFaceTokenizer:
     """The tokenizer ``tokenizer_type`` (one of ``TOKENIZER_TYPES``) stored at ``model_path``."""
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(model_path)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(model_path)
-    raise ValueError(f"tokenizer_type must be one of {list(TOKENIZER_TYPES)}, got {tokenizer_type!r}")
+    raise ValueError(
+        f"tokenizer_type must be one of {list(TOKENIZER_TYPES)}, got {tokenizer_type!r}"
+    )
 
 
 def _resolve(model_path: str | os.PathLike, file_name: str, kind: str) -> Path:
@@ -167,6 +217,24 @@ def _read_hf_config(directory: Path) -> dict:
             if isinstance(loaded, dict):
                 config.update({k: v for k, v in loaded.items() if v is not None})
     return config
+
+
+_MAX_CACHED_WORDS = 150_000  # per cache; both together take about 60 MB
+_MAX_CACHED_WORD_CHARS = 48
+_SPACE = "\u2581"
+
+
+def _splits_at_spaces(sp) -> bool:
+    """Whether encoding word by word gives the same ids as encoding the whole text."""
+    probe = "a  b\u00bd\uff21 \u3000x "
+    if sp.decode(sp.encode(probe)) != probe:  # the model normalises text
+        return False
+    first = sp.encode("a", out_type=str)
+    if first and first[0].startswith(_SPACE):  # dummy prefix: a space is added in front
+        return False
+    pieces = sp.id_to_piece(list(range(sp.get_piece_size())))
+    inner_space = [i for i, piece in enumerate(pieces) if _SPACE in piece[1:]]
+    return all(sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) for i in inner_space)
 
 
 def _non_negative(value: int) -> int | None:

@@ -132,13 +132,19 @@ def temperature_targets(
     capped: set[str] = set()
     while True:
         free = [lang for lang in langs if lang not in capped]
+        if not free:
+            break
         remaining = goal - sum(cap[lang] for lang in capped)
         scale = remaining / sum(weight[lang] for lang in free)
-        newly = {lang for lang in free if scale * weight[lang] > cap[lang]}
+        # The tolerance keeps alpha = 1 with max_repeat = 1 (targets == caps) from rounding up.
+        newly = {lang for lang in free if scale * weight[lang] > cap[lang] * (1 + 1e-9)}
         if not newly:
             break
         capped |= newly
-    targets = {lang: cap[lang] if lang in capped else scale * weight[lang] for lang in langs}
+    targets = {
+        lang: cap[lang] if lang in capped else min(scale * weight[lang], cap[lang])
+        for lang in langs
+    }
     return {lang: targets.get(lang, 0.0) for lang in available}
 
 
@@ -194,9 +200,9 @@ def write_sample(
                     stats.char_counts[char] += copies * count
             written = copies * sum(len(s.encode("utf-8")) + 1 for s in sentences)
             stats.bytes_per_language[lang] = stats.bytes_per_language.get(lang, 0) + written
-            stats.sentences_per_language[lang] = (
-                stats.sentences_per_language.get(lang, 0) + copies * len(sentences)
-            )
+            stats.sentences_per_language[lang] = stats.sentences_per_language.get(
+                lang, 0
+            ) + copies * len(sentences)
     return stats
 
 
@@ -223,9 +229,10 @@ def drop_characters(sample_path: str, rare: set[str]) -> None:
     """Rewrite the sample with each rare character as a sentence break (no merge spans it)."""
     table = {ord(char): "\n" for char in rare}
     tmp_path = sample_path + ".tmp"
-    with open(sample_path, encoding="utf-8") as src, open(
-        tmp_path, "w", encoding="utf-8", newline="\n"
-    ) as dst:
+    with (
+        open(sample_path, encoding="utf-8") as src,
+        open(tmp_path, "w", encoding="utf-8", newline="\n") as dst,
+    ):
         for line in src:
             for part in line.rstrip("\n").translate(table).split("\n"):
                 if part.strip():

@@ -108,25 +108,69 @@ def validate_config(cfg: TokenizerTrainingConfig) -> None:
     """Raise one ConfigError listing every invalid field."""
     p = ProblemCollector()
     minimum = len(SPECIAL_PIECES) + cfg.num_reserved_tokens + NUM_BYTE_TOKENS + 1
-    p.check(cfg.vocab_size >= minimum, "vocab_size", cfg.vocab_size,
-            f"must exceed the {minimum - 1} special, reserved and byte tokens",
-            f"use vocab_size >= {minimum}")
-    p.check(0.0 < cfg.temperature_alpha <= 1.0, "temperature_alpha", cfg.temperature_alpha,
-            "must be in (0, 1]", "use e.g. 0.3 (1.0 = natural language mix)")
-    p.check(cfg.max_repeat >= 1.0, "max_repeat", cfg.max_repeat, "must be >= 1",
-            "use 1.0 to never repeat text")
-    p.check(cfg.max_training_bytes > 0, "max_training_bytes", cfg.max_training_bytes,
-            "must be positive", "use e.g. 200000000")
-    p.check(cfg.max_sentences > 0, "max_sentences", cfg.max_sentences, "must be positive",
-            "use e.g. 10000000")
-    p.check(64 <= cfg.max_sentence_bytes <= 65536, "max_sentence_bytes", cfg.max_sentence_bytes,
-            "must be in [64, 65536]", "use 4096")
-    p.check(0.98 <= cfg.character_coverage <= 1.0, "character_coverage", cfg.character_coverage,
-            "must be in [0.98, 1] (SentencePiece's range)", "use 0.9995 for multilingual text")
-    p.check(cfg.num_reserved_tokens >= 0, "num_reserved_tokens", cfg.num_reserved_tokens,
-            "must be >= 0", "use e.g. 8")
-    p.check(0.0 <= cfg.heldout_fraction < 0.5, "heldout_fraction", cfg.heldout_fraction,
-            "must be in [0, 0.5)", "use e.g. 0.02, or 0 to hold nothing out")
+    p.check(
+        cfg.vocab_size >= minimum,
+        "vocab_size",
+        cfg.vocab_size,
+        f"must exceed the {minimum - 1} special, reserved and byte tokens",
+        f"use vocab_size >= {minimum}",
+    )
+    p.check(
+        0.0 < cfg.temperature_alpha <= 1.0,
+        "temperature_alpha",
+        cfg.temperature_alpha,
+        "must be in (0, 1]",
+        "use e.g. 0.3 (1.0 = natural language mix)",
+    )
+    p.check(
+        cfg.max_repeat >= 1.0,
+        "max_repeat",
+        cfg.max_repeat,
+        "must be >= 1",
+        "use 1.0 to never repeat text",
+    )
+    p.check(
+        cfg.max_training_bytes > 0,
+        "max_training_bytes",
+        cfg.max_training_bytes,
+        "must be positive",
+        "use e.g. 200000000",
+    )
+    p.check(
+        cfg.max_sentences > 0,
+        "max_sentences",
+        cfg.max_sentences,
+        "must be positive",
+        "use e.g. 10000000",
+    )
+    p.check(
+        64 <= cfg.max_sentence_bytes <= 65536,
+        "max_sentence_bytes",
+        cfg.max_sentence_bytes,
+        "must be in [64, 65536]",
+        "use 4096",
+    )
+    p.check(
+        0.98 <= cfg.character_coverage <= 1.0,
+        "character_coverage",
+        cfg.character_coverage,
+        "must be in [0.98, 1] (SentencePiece's range)",
+        "use 0.9995 for multilingual text",
+    )
+    p.check(
+        cfg.num_reserved_tokens >= 0,
+        "num_reserved_tokens",
+        cfg.num_reserved_tokens,
+        "must be >= 0",
+        "use e.g. 8",
+    )
+    p.check(
+        0.0 <= cfg.heldout_fraction < 0.5,
+        "heldout_fraction",
+        cfg.heldout_fraction,
+        "must be in [0, 0.5)",
+        "use e.g. 0.02, or 0 to hold nothing out",
+    )
     p.check(cfg.num_threads >= 1, "num_threads", cfg.num_threads, "must be >= 1", "use 1 or more")
     p.raise_if_any()
 
@@ -152,9 +196,14 @@ def train_tokenizer(
     report = BadInputReport()
     heldout_fraction = 0.0 if heldout_inputs else cfg.heldout_fraction
     scan = scan_corpus(
-        paths, text_key=cfg.text_key, lang_key=cfg.lang_key, heldout_fraction=heldout_fraction,
-        heldout_bytes_per_language=cfg.heldout_bytes_per_language, report=report,
-        strict=cfg.strict, max_doc_bytes=cfg.max_doc_bytes,
+        paths,
+        text_key=cfg.text_key,
+        lang_key=cfg.lang_key,
+        heldout_fraction=heldout_fraction,
+        heldout_bytes_per_language=cfg.heldout_bytes_per_language,
+        report=report,
+        strict=cfg.strict,
+        max_doc_bytes=cfg.max_doc_bytes,
     )
     if scan.total_train_bytes == 0:
         raise ValueError(f"no usable training text in {paths} ({report.summary()})")
@@ -162,20 +211,31 @@ def train_tokenizer(
     if heldout_inputs:
         extra = scan_corpus(
             expand_inputs([heldout_inputs] if isinstance(heldout_inputs, str) else heldout_inputs),
-            text_key=cfg.text_key, lang_key=cfg.lang_key, heldout_fraction=1.0,
-            heldout_bytes_per_language=cfg.heldout_bytes_per_language, report=BadInputReport(),
+            text_key=cfg.text_key,
+            lang_key=cfg.lang_key,
+            heldout_fraction=1.0,
+            heldout_bytes_per_language=cfg.heldout_bytes_per_language,
+            report=BadInputReport(),
         )
         heldout = extra.heldout
 
     work = Path(tempfile.mkdtemp(prefix=".train_tokenizer-", dir=out))
     try:
-        balanced, sample = _train_one(paths, work / "balanced", scan.train_bytes,
-                                      cfg.temperature_alpha, cfg.max_repeat, cfg, heldout_fraction)
+        balanced, sample = _train_one(
+            paths,
+            work / "balanced",
+            scan.train_bytes,
+            cfg.temperature_alpha,
+            cfg.max_repeat,
+            cfg,
+            heldout_fraction,
+        )
         candidates = {"balanced": balanced}
         samples = {"balanced": sample}
         if cfg.compare_unbalanced:
-            natural, natural_sample = _train_one(paths, work / "natural", scan.train_bytes,
-                                                 1.0, 1.0, cfg, heldout_fraction)
+            natural, natural_sample = _train_one(
+                paths, work / "natural", scan.train_bytes, 1.0, 1.0, cfg, heldout_fraction
+            )
             candidates["natural"] = natural
             samples["natural"] = natural_sample
         for suffix in (".model", ".vocab"):
@@ -184,47 +244,76 @@ def train_tokenizer(
         shutil.rmtree(work, ignore_errors=True)
     hf_files = export_hf_tokenizer(out / "tokenizer.model", out, cfg.model_max_length)
     tokenizer = SentencePieceTokenizer(out / "tokenizer.model")
-    comparison = compare_tokenizers(heldout, {"balanced": tokenizer, **{
-        name: tok for name, tok in candidates.items() if name != "balanced"}})
+    comparison = compare_tokenizers(
+        heldout,
+        {
+            "balanced": tokenizer,
+            **{name: tok for name, tok in candidates.items() if name != "balanced"},
+        },
+    )
     result_report = {
         "config": to_dict(cfg),
         "inputs": paths,
         "vocab_size": tokenizer.vocab_size,
-        "special_ids": {"unk": tokenizer.unk, "bos": tokenizer.bos, "eod": tokenizer.eod,
-                        "pad": tokenizer.pad},
+        "special_ids": {
+            "unk": tokenizer.unk,
+            "bos": tokenizer.bos,
+            "eod": tokenizer.eod,
+            "pad": tokenizer.pad,
+        },
         "bad_input": report.to_dict(),
         "available_bytes": dict(sorted(scan.train_bytes.items())),
         "available_docs": dict(sorted(scan.train_docs.items())),
-        "sample_bytes": {name: dict(sorted(s.bytes_per_language.items()))
-                         for name, s in samples.items()},
+        "sample_bytes": {
+            name: dict(sorted(s.bytes_per_language.items())) for name, s in samples.items()
+        },
         "dropped_rare_chars": {name: s.num_dropped_chars for name, s in samples.items()},
         "heldout": comparison,
     }
     _write_report(out, result_report)
     logger.info("tokenizer written to %s (vocab %d)", out, tokenizer.vocab_size)
-    return TrainedTokenizer(str(out), str(out / "tokenizer.model"), str(out / "tokenizer.vocab"),
-                            hf_files, result_report)
+    return TrainedTokenizer(
+        str(out),
+        str(out / "tokenizer.model"),
+        str(out / "tokenizer.vocab"),
+        hf_files,
+        result_report,
+    )
 
 
 def _train_one(
-    paths: list[str], workdir: Path, available: dict[str, int], alpha: float, max_repeat: float,
-    cfg: TokenizerTrainingConfig, heldout_fraction: float,
+    paths: list[str],
+    workdir: Path,
+    available: dict[str, int],
+    alpha: float,
+    max_repeat: float,
+    cfg: TokenizerTrainingConfig,
+    heldout_fraction: float,
 ) -> tuple[SentencePieceTokenizer, SampleStats]:
     workdir.mkdir(parents=True)
     targets = temperature_targets(available, alpha, cfg.max_training_bytes, max_repeat)
     rates = {lang: targets[lang] / available[lang] for lang in targets if available[lang]}
     sample_path = workdir / "sample.txt"
     stats = write_sample(
-        paths, str(sample_path), rates=rates, text_key=cfg.text_key, lang_key=cfg.lang_key,
-        heldout_fraction=heldout_fraction, max_sentence_bytes=cfg.max_sentence_bytes,
-        seed=cfg.seed, max_doc_bytes=cfg.max_doc_bytes,
+        paths,
+        str(sample_path),
+        rates=rates,
+        text_key=cfg.text_key,
+        lang_key=cfg.lang_key,
+        heldout_fraction=heldout_fraction,
+        max_sentence_bytes=cfg.max_sentence_bytes,
+        seed=cfg.seed,
+        max_doc_bytes=cfg.max_doc_bytes,
     )
     # At most half of the learnable ids go to single characters; the rest to merges.
     learnable = cfg.vocab_size - len(SPECIAL_PIECES) - cfg.num_reserved_tokens - NUM_BYTE_TOKENS
     rare = rare_characters(stats.char_counts, cfg.character_coverage, learnable // 2)
     if rare:
-        logger.info("%d rare characters left to byte fallback to fit vocab_size %d",
-                    len(rare), cfg.vocab_size)
+        logger.info(
+            "%d rare characters left to byte fallback to fit vocab_size %d",
+            len(rare),
+            cfg.vocab_size,
+        )
         drop_characters(str(sample_path), rare)
     stats.num_dropped_chars = len(rare)
     _run_sentencepiece(str(sample_path), str(workdir / "tokenizer"), cfg)
@@ -248,9 +337,14 @@ def _run_sentencepiece(sample_path: str, model_prefix: str, cfg: TokenizerTraini
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            unk_piece=SPECIAL_PIECES[0], bos_piece=SPECIAL_PIECES[1],
-            eos_piece=SPECIAL_PIECES[2], pad_piece=SPECIAL_PIECES[3],
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            unk_piece=SPECIAL_PIECES[0],
+            bos_piece=SPECIAL_PIECES[1],
+            eos_piece=SPECIAL_PIECES[2],
+            pad_piece=SPECIAL_PIECES[3],
             control_symbols=[f"<reserved_{i}>" for i in range(cfg.num_reserved_tokens)],
             input_sentence_size=cfg.max_sentences,
             shuffle_input_sentence=True,
@@ -284,8 +378,12 @@ def _write_report(out: Path, report: dict[str, Any]) -> None:
     for lang, available in report["available_bytes"].items():
         cells = [str(s.get(lang, 0)) for s in report["sample_bytes"].values()]
         lines.append(f"| {lang} | {available} | " + " | ".join(cells) + " |")
-    lines += ["", "## Held-out compression (lower is better)", "",
-              format_comparison(report["heldout"])]
+    lines += [
+        "",
+        "## Held-out compression (lower is better)",
+        "",
+        format_comparison(report["heldout"]),
+    ]
     tmp = out / "tokenizer_report.md.tmp"
     tmp.write_text("\n".join(lines), encoding="utf-8")
     os.replace(tmp, out / "tokenizer_report.md")

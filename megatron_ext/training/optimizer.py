@@ -8,7 +8,6 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.config.errors import ProblemCollector
 from megatron_ext.models.config import PrecisionConfig
@@ -43,7 +42,6 @@ class OptimizerConfig:
 
 def wrap_ddp(
     chunks: list[torch.nn.Module],
-    transformer_config: TransformerConfig,
     parallel: ParallelConfig,
     precision: PrecisionConfig,
 ) -> list[DistributedDataParallel]:
@@ -57,7 +55,7 @@ def wrap_ddp(
     )
     return [
         DistributedDataParallel(
-            config=transformer_config,
+            config=chunk.config,
             ddp_config=ddp_config,
             module=chunk,
             # Megatron-LM's convention: only the first chunk buckets, so that with the interleaved
@@ -99,3 +97,29 @@ def build_optimizer(
         overlap_param_gather=parallel.overlap_param_gather,
     )
     return get_megatron_optimizer(config, ddp_chunks)
+
+
+def attach_schedule_hooks(
+    ddp_chunks: list[DistributedDataParallel], optimizer, parallel: ParallelConfig
+) -> None:
+    """Give megatron-core's schedules the hooks that finish gradients and scale the loss.
+
+    ``finalize_model_grads`` completes the data-parallel gradient reduction, sums the gradients of
+    sequence-parallel norm weights across the TP group and of shared embeddings across stages;
+    ``scale_loss`` applies the fp16 loss scale to the backward; ``no_sync`` keeps DDP from reducing
+    after every micro-batch; ``start_grad_sync`` / ``start_param_sync`` overlap communication with
+    compute when those switches are on.
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp_chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    no_sync = [chunk.no_sync for chunk in ddp_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if parallel.overlap_grad_reduce:
+        sync = [chunk.start_grad_sync for chunk in ddp_chunks]
+        config.grad_sync_func = sync[0] if len(sync) == 1 else sync
+    if parallel.overlap_param_gather:
+        param_sync = [chunk.start_param_sync for chunk in ddp_chunks]
+        config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync

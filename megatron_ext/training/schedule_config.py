@@ -32,7 +32,8 @@ class CurriculumConfig:
     """Sequence length of the first step (the recipe: 2,048)."""
 
     fraction: float = 0.1
-    """Part of training (in ``schedule.unit``: steps or tokens) over which the length grows."""
+    """Part of training (in ``schedule.unit``: steps or tokens, rounded to a whole number) over
+    which the length grows."""
 
     multiple: int = 32
     """Lengths are rounded down to a multiple of this (the recipe: 256), then clamped to
@@ -105,11 +106,9 @@ class ScheduleConfig:
         """Tokens of a full-length step: the constant of the ``tokens`` curriculum mode."""
         return self.global_batch_size * self.seq_length
 
-    def validate(
-        self, problems: ProblemCollector, *, data_parallel_size: int | None = None
-    ) -> None:
-        """Add every problem of this section to ``problems``; with ``data_parallel_size`` also
-        the batch arithmetic of every step (see ``schedules.check_schedule``)."""
+    def validate(self, problems: ProblemCollector) -> None:
+        """Add every problem of this section to ``problems``. The batch arithmetic, which needs
+        the data-parallel size, is checked by ``training.schedules.check_schedule``."""
         positive = ("seq_length", "global_batch_size", "micro_batch_size", "train_steps")
         for name in positive:
             value = getattr(self, name)

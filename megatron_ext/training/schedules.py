@@ -3,12 +3,16 @@
 Every value is a function of the run's progress (step, consumed tokens), never of history, so a
 resumed run recomputes exactly what the original would have used:
 
+    check_schedule(cfg, dp_size)                             # every step's batch arithmetic
     progress = TrainProgress()                               # or restore_progress(...)
-    for plan in iter_step_plans(cfg, progress, dp_size):     # one StepPlan per optimizer step
-        ... train on get_step_batch(stream, *plan.request ...) with plan.num_microbatches,
-            plan.seq_length ...
-        scheduler.step(scheduler_increment(cfg, plan))       # megatron-core OptimizerParamScheduler
-        progress = advance(progress, plan)
+    loader = make_step_loader(stream, dp_rank=r, dp_size=dp_size, micro_batch_size=m)
+    requests = (p.request for p in iter_step_plans(cfg, progress, dp_size))
+    with BatchPrefetcher(loader, requests) as prefetcher:
+        for plan in iter_step_plans(cfg, progress, dp_size):  # one StepPlan per optimizer step
+            batch = prefetcher.next()                         # batch.request == plan.request
+            # forward/backward batch.micro_batches: plan.num_microbatches of plan.seq_length
+            scheduler.step(increment=scheduler_increment(cfg, plan))
+            progress = advance(progress, plan)               # store progress_state_dict(...)
 
 Sequence length (curriculum): ``L = clamp(floor_to(multiple, start + (full - start) * x),
 start, full)`` with ``x`` the progress through the first ``fraction`` of training, in steps or
@@ -120,9 +124,9 @@ def curriculum_seq_length(cfg: ScheduleConfig, step: int, consumed_tokens: int =
     if not c.enabled or c.start_seq_length >= full:
         return full
     if cfg.unit == "tokens":
-        done, ramp = consumed_tokens, int(c.fraction * cfg.train_tokens)
+        done, ramp = consumed_tokens, round(c.fraction * cfg.train_tokens)
     else:
-        done, ramp = step, int(c.fraction * cfg.train_steps)
+        done, ramp = step, round(c.fraction * cfg.train_steps)
     if ramp <= 0 or done >= ramp:
         return full
     # Integer arithmetic: exact and identical on every rank and every resume.
@@ -161,9 +165,8 @@ def check_schedule(cfg: ScheduleConfig, data_parallel_size: int) -> None:
     """Raise one ConfigError listing every problem, including the batch arithmetic of every
     sequence length the curriculum will use (checked up front, not at the step it fails)."""
     problems = ProblemCollector()
-    cfg.validate(problems, data_parallel_size=data_parallel_size)
-    if problems.problems:
-        problems.raise_if_any()
+    cfg.validate(problems)
+    problems.raise_if_any()
     per_pass = cfg.micro_batch_size * data_parallel_size
     if cfg.curriculum.enabled and cfg.curriculum.mode == "tokens":
         multiple = batch_multiple(cfg, data_parallel_size)
@@ -176,15 +179,15 @@ def check_schedule(cfg: ScheduleConfig, data_parallel_size: int) -> None:
             "does not divide",
             f"use a batch_multiple that is a multiple of {per_pass}",
         )
-        longest = max(curriculum_lengths(cfg))
         problems.check(
-            step_global_batch_size(cfg, longest, data_parallel_size) >= multiple,
+            cfg.global_batch_size % multiple == 0,
             "schedule.global_batch_size",
             cfg.global_batch_size,
-            f"tokens per step {cfg.tokens_per_step} give fewer than {multiple} sequences of "
-            f"{longest} tokens",
-            "raise global_batch_size or lower batch_multiple",
+            f"tokens mode rounds the global batch down to a multiple of {multiple}, so the "
+            f"full-length step would not hold global_batch_size sequences",
+            f"use a global_batch_size that is a multiple of {multiple}",
         )
+    problems.raise_if_any()
     for length in curriculum_lengths(cfg):
         batch = step_global_batch_size(cfg, length, data_parallel_size)
         try:

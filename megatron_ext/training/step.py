@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -86,22 +86,45 @@ def train_step(
     device: torch.device,
     pp_group: torch.distributed.ProcessGroup,
     is_last_stage: bool,
+    allow_update: Callable[[float, float], bool] | None = None,
 ) -> StepResult:
-    """Zero grads, forward/backward all micro-batches, reduce grads, clip, and step the optimizer."""
+    """Zero grads, forward/backward all micro-batches, reduce grads, then clip and update.
+
+    ``allow_update(loss, grad_norm)`` is asked after the gradient norm is known and before any
+    weight changes (every rank gets the same loss and norm, so every rank decides the same); when
+    it says no, the update is skipped. fp16 overflows are skipped by the loss scaler first.
+    """
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    # The schedule ends with finalize_model_grads (see training.optimizer.attach_schedule_hooks).
     loss_dicts = run_forward_backward(model_chunks, micro_batches, seq_length, device)
-    for chunk in model_chunks:
-        chunk.finish_grad_sync()
-    update_successful, grad_norm, num_zeros = optimizer.step()
     loss = mean_loss(loss_dicts, device, pp_group, is_last_stage)
+    found_inf = optimizer.prepare_grads()
+    if found_inf:
+        return StepResult(loss=loss, grad_norm=None, skipped=True, num_zeros=None)
+    grad_norm = float(optimizer.get_grad_norm())
+    if allow_update is not None and not allow_update(loss, grad_norm):
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=True, num_zeros=None)
+    _clip_to_total_norm(optimizer, grad_norm)
+    update_successful = optimizer.step_with_ready_grads()
     return StepResult(
-        loss=loss,
-        grad_norm=float(grad_norm) if grad_norm is not None else None,
-        skipped=not update_successful,
-        num_zeros=num_zeros,
+        loss=loss, grad_norm=grad_norm, skipped=not update_successful, num_zeros=None
     )
+
+
+def _clip_to_total_norm(optimizer, grad_norm: float) -> None:
+    """Clip every (chained) optimizer's main grads by the one global norm already computed."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(inner, "is_stub_optimizer", False) or inner.config.clip_grad <= 0.0:
+            continue
+        parameters = inner.get_parameters()
+        if parameters:
+            clip_grad_by_total_norm_fp32(
+                parameters, max_norm=inner.config.clip_grad, total_norm=grad_norm
+            )
 
 
 def mean_loss(

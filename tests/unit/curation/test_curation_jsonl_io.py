@@ -167,3 +167,18 @@ def test_empty_writer_writes_nothing(tmp_path):
     with ShardedJsonlWriter(tmp_path / "o", "part") as writer:
         pass
     assert writer.paths == [] and os.listdir(tmp_path / "o") == []
+
+
+def test_lone_surrogates_are_bad_input_but_pairs_are_text(tmp_path):
+    lines = [
+        b'{"text": "lone \\ud800 here"}',
+        b'{"text": "fine", "meta": "\\udfff"}',
+        b'{"text": "emoji \\ud83d\\ude00 pair"}',
+        b'{"text": "a literal backslash \\\\ud800 is text"}',
+    ]
+    path = _write_bytes(tmp_path / "s.jsonl", b"\n".join(lines) + b"\n")
+    report = BadInputReport()
+    texts = [r.text for r in iter_jsonl(path, report=report)]
+    assert texts == ["emoji \U0001f600 pair", "a literal backslash \\ud800 is text"]
+    assert report.counts == {"lone_surrogate": 2}
+    assert report.examples[path]["lone_surrogate"] == [1, 2]

@@ -10,6 +10,8 @@ from megatron_ext.config.errors import ConfigError
 from megatron_ext.data.batches import get_eval_batches, get_step_batch, num_microbatches
 from megatron_ext.data.token_stream import DocumentSource, TokenStream
 
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture
 def stream(two_datasets):
@@ -60,9 +62,7 @@ def test_eod_loss_mask_and_position_reset(make_dataset):
     docs = [np.array([5, 6, 7]), np.array([8, 9]), np.array([3, 4, 2, 1])]
     source = DocumentSource(make_dataset("eod", docs), append_eod=True, eod_token_id=0)
     stream = TokenStream([source], shuffle=False, eod_token_id=0)
-    (mb,) = get_step_batch(
-        stream, 0, 1, 8, 0, 1, 1, eod_mask_loss=True, reset_position_ids=True
-    )
+    (mb,) = get_step_batch(stream, 0, 1, 8, 0, 1, 1, eod_mask_loss=True, reset_position_ids=True)
     assert mb["tokens"][0].tolist() == [5, 6, 7, 0, 8, 9, 0, 3]
     assert mb["labels"][0].tolist() == [6, 7, 0, 8, 9, 0, 3, 4]
     assert mb["loss_mask"][0].tolist() == [1, 1, 1, 0, 1, 1, 0, 1]

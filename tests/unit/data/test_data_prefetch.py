@@ -9,14 +9,21 @@ import pytest
 import torch
 
 from megatron_ext.data.batches import BatchRequest
-from megatron_ext.data.prefetch import BatchPrefetcher, DataLoadingError, make_step_loader
+from megatron_ext.data.prefetch import (
+    BatchPrefetcher,
+    DataLoadingError,
+    make_step_loader,
+    to_device,
+)
 from megatron_ext.data.token_stream import DocumentSource, TokenStream
+
+pytestmark = pytest.mark.timeout(120)
 
 
 def _requests() -> list[BatchRequest]:
     """A curriculum-like sequence: growing lengths, exact positions."""
     requests, position = [], 0
-    for step, (batch, length) in enumerate([(8, 16), (8, 16), (4, 32), (4, 32), (2, 64)] * 2):
+    for step, (batch, length) in enumerate([(8, 16), (8, 16), (4, 32), (4, 32), (4, 64)] * 2):
         requests.append(BatchRequest(position, batch, length, step=step))
         position += batch * length
     return requests
@@ -93,3 +100,18 @@ def test_close_stops_worker_threads():
         t for t in threading.enumerate() if t.ident not in before and t.name.startswith("batch")
     ]
     assert leftover == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batches_are_pinned_and_copied_without_blocking_on_gpu(two_datasets):
+    prefix_a, prefix_b, _, _ = two_datasets
+    stream = TokenStream([DocumentSource(prefix_a), DocumentSource(prefix_b)], seed=2)
+    load = make_step_loader(stream, dp_rank=0, dp_size=1, micro_batch_size=2)
+    with BatchPrefetcher(load, _requests()[:3], num_workers=1) as prefetcher:
+        for batch, expected in zip(prefetcher, (load(r) for r in _requests()[:3])):
+            for mb, ref in zip(batch.micro_batches, expected):
+                assert all(t.is_pinned() for t in mb.values())
+                on_gpu = to_device(mb, "cuda")
+                torch.cuda.synchronize()
+                assert all(torch.equal(on_gpu[k].cpu(), ref[k]) for k in ref)

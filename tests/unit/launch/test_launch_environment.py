@@ -7,13 +7,15 @@ FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "topology"
 
 
 def h100_node() -> NodeTopology:
-    return detect_node(str(FIXTURES / "nvidia_smi_topo_h100_sxm.txt"),
-                       str(FIXTURES / "sysfs_h100_ib"), str(FIXTURES / "ip_addr_h100.txt"))
+    return detect_node(
+        str(FIXTURES / "nvidia_smi_topo_h100_sxm.txt"),
+        str(FIXTURES / "sysfs_h100_ib"),
+        str(FIXTURES / "ip_addr_h100.txt"),
+    )
 
 
 def derive(node, environ=None, **kwargs):
-    options = dict(nnodes=4, nproc_per_node=8, tensor_parallel=8, rdzv_host="gpu01",
-                   num_cpus=128)
+    options = dict(nnodes=4, nproc_per_node=8, tensor_parallel=8, rdzv_host="gpu01", num_cpus=128)
     options.update(kwargs)
     return derive_environment(node, environ=environ or {}, **options)
 
@@ -22,7 +24,9 @@ def test_h100_ib_node_environment_and_warnings():
     env = derive(h100_node())
     values = env.as_dict()
     # mlx5_3 is down and mlx5_8 / mlx5_9 are the Ethernet storage ports.
-    assert values["NCCL_IB_HCA"] == "=mlx5_0:1,mlx5_1:1,mlx5_2:1,mlx5_4:1,mlx5_5:1,mlx5_6:1,mlx5_7:1"
+    assert (
+        values["NCCL_IB_HCA"] == "=mlx5_0:1,mlx5_1:1,mlx5_2:1,mlx5_4:1,mlx5_5:1,mlx5_6:1,mlx5_7:1"
+    )
     assert values["NCCL_IB_TIMEOUT"] == "22" and values["NCCL_IB_RETRY_CNT"] == "7"
     assert "NCCL_IB_GID_INDEX" not in values  # InfiniBand, not RoCE
     # Not lo, not the down eno1, not IPoIB ibp26s0, not docker0.
@@ -38,8 +42,11 @@ def test_h100_ib_node_environment_and_warnings():
 
 
 def test_roce_node_gets_gid_index_from_sysfs():
-    node = detect_node(str(FIXTURES / "nvidia_smi_topo_pcie_only.txt"),
-                       str(FIXTURES / "sysfs_roce"), str(FIXTURES / "ip_addr_roce.txt"))
+    node = detect_node(
+        str(FIXTURES / "nvidia_smi_topo_pcie_only.txt"),
+        str(FIXTURES / "sysfs_roce"),
+        str(FIXTURES / "ip_addr_roce.txt"),
+    )
     env = derive(node, nproc_per_node=4, tensor_parallel=1)
     values = env.as_dict()
     assert values["NCCL_IB_HCA"] == "=mlx5_0:1,mlx5_1:1"
@@ -71,14 +78,20 @@ def test_all_ports_down_warns_about_socket_fallback():
 
 
 def test_user_environment_wins_and_is_reported():
-    env = derive(h100_node(), environ={"NCCL_IB_HCA": "=mlx5_0:1", "NCCL_DEBUG": "INFO",
-                                       "HOME": "/root"})
+    environ = {
+        "NCCL_IB_HCA": "=mlx5_0:1",
+        "NCCL_DEBUG": "INFO",
+        "HOME": "/root",
+        "NCCL_VERSION": "2.28.3-1",
+    }
+    env = derive(h100_node(), environ=environ, shutdown_timeout=300)
     by_name = {c.name: c for c in env.choices}
     assert by_name["NCCL_IB_HCA"].value == "=mlx5_0:1"
     assert by_name["NCCL_IB_HCA"].source == "user"
     assert "mlx5_7:1" in by_name["NCCL_IB_HCA"].reason  # what would have been derived
     assert by_name["NCCL_DEBUG"].source == "user"
-    assert "HOME" not in by_name
+    assert "HOME" not in by_name and "NCCL_VERSION" not in by_name
+    assert by_name["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"].value == "300"
 
 
 def test_loopback_rendezvous_uses_lo():
@@ -87,8 +100,10 @@ def test_loopback_rendezvous_uses_lo():
 
 
 def test_route_to_rendezvous_host_picks_the_interface():
-    interfaces = [NetInterface("eno2", True, "ether", ["172.20.8.5"]),
-                  NetInterface("ens1f0np0", True, "ether", ["10.0.1.5"])]
+    interfaces = [
+        NetInterface("eno2", True, "ether", ["172.20.8.5"]),
+        NetInterface("ens1f0np0", True, "ether", ["10.0.1.5"]),
+    ]
     node = NodeTopology(None, [], interfaces, {})
     env = derive(node, route_source_ip="10.0.1.5", nproc_per_node=1, tensor_parallel=1)
     assert env.as_dict()["NCCL_SOCKET_IFNAME"] == "=ens1f0np0"

@@ -26,20 +26,22 @@ def test_pcie_only_node_has_no_nvlink():
     assert topo.nic_names == ["mlx5_0", "mlx5_1"]
 
 
-def test_terminal_underline_codes_in_header_are_ignored():
+def test_header_without_terminal_underline_codes_parses_too():
     text = (FIXTURES / "nvidia_smi_topo_h100_sxm.txt").read_text()
-    lines = text.splitlines()
-    lines[0] = "\t\x1b[4m" + lines[0].lstrip("\t") + "\x1b[0m"
-    assert parse_nvidia_smi_topo("\n".join(lines)).nvlink_domains() == [list(range(8))]
+    assert "\x1b[4m" in text  # as nvidia-smi writes it
+    plain = text.replace("\x1b[4m", "").replace("\x1b[0m", "")
+    assert parse_nvidia_smi_topo(plain).nvlink_domains() == [list(range(8))]
 
 
 def test_nvlink_pairs_form_separate_domains():
-    text = "\tGPU0\tGPU1\tGPU2\tGPU3\tCPU Affinity\tNUMA Affinity\n" + "\n".join([
-        "GPU0\t X \tNV4\tSYS\tSYS\t0-15\t0",
-        "GPU1\tNV4\t X \tSYS\tSYS\t0-15\t0",
-        "GPU2\tSYS\tSYS\t X \tNV4\t16-31\t1",
-        "GPU3\tSYS\tSYS\tNV4\t X \t16-31\t1",
-    ])
+    text = "\tGPU0\tGPU1\tGPU2\tGPU3\tCPU Affinity\tNUMA Affinity\n" + "\n".join(
+        [
+            "GPU0\t X \tNV4\tSYS\tSYS\t0-15\t0",
+            "GPU1\tNV4\t X \tSYS\tSYS\t0-15\t0",
+            "GPU2\tSYS\tSYS\t X \tNV4\t16-31\t1",
+            "GPU3\tSYS\tSYS\tNV4\t X \t16-31\t1",
+        ]
+    )
     assert parse_nvidia_smi_topo(text).nvlink_domains() == [[0, 1], [2, 3]]
 
 
@@ -69,3 +71,12 @@ def test_ip_addr_listing():
     assert interfaces["enp65s0f0np0"].ipv4 == ["10.20.3.17"]
     assert interfaces["ibp26s0"].link_type == "infiniband"
     assert "veth3f2a1c9" in interfaces  # the @ifN suffix is not part of the name
+
+
+def test_output_recorded_on_a_one_gpu_h100_machine():
+    # Recorded as is: nvidia-smi underlines the header even when writing to a file.
+    text = (FIXTURES / "nvidia_smi_topo_h100_1gpu_recorded.txt").read_text()
+    assert "\x1b[4m" in text
+    topo = parse_nvidia_smi_topo(text)
+    assert topo.num_gpus == 1 and topo.links == [["X"]]
+    assert (topo.cpu_affinity, topo.numa_affinity, topo.nic_names) == (["0-15"], ["0"], [])

@@ -20,14 +20,17 @@ def test_several_brackets_multiply_out_left_to_right():
     assert expand_hostlist("rack[1-2]-gpu") == ["rack1-gpu", "rack2-gpu"]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("node[01-04", "never closed"),
-    ("node01-04]", "without '['"),
-    ("node[04-01]", "runs backwards"),
-    ("node[a-b]", "not a number"),
-    ("node[[1-2]]", "nested"),
-    (" , ", "names no hosts"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("node[01-04", "never closed"),
+        ("node01-04]", "without '['"),
+        ("node[04-01]", "runs backwards"),
+        ("node[a-b]", "not a number"),
+        ("node[[1-2]]", "nested"),
+        (" , ", "names no hosts"),
+    ],
+)
 def test_bad_lists_name_the_problem(bad, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         expand_hostlist(bad)

@@ -7,8 +7,7 @@ from megatron_ext.launch import plan
 from megatron_ext.launch.hardware import detect_node
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "topology"
-SLURM_ENV = {"SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_JOB_NUM_NODES": "4",
-             "SLURM_JOB_ID": "4242"}
+SLURM_ENV = {"SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_ID": "4242"}
 
 
 def torchrun_options(argv: list[str]) -> dict[str, str]:
@@ -40,7 +39,10 @@ def test_global_ranks_follow_host_name_order_like_c10d():
     nodes = plan.plan_nodes(spec, ["torchrun"])
     # "node10" < "node11" < "node9" as strings: node rank 0 (node9) holds the last ranks.
     assert [(n.host, list(n.global_ranks)) for n in nodes] == [
-        ("node9", [4, 5]), ("node10", [0, 1]), ("node11", [2, 3])]
+        ("node9", [4, 5]),
+        ("node10", [0, 1]),
+        ("node11", [2, 3]),
+    ]
 
 
 def test_slurm_inputs_are_checked():
@@ -54,8 +56,15 @@ def test_slurm_inputs_are_checked():
 
 
 def test_script_entry_and_ranks_per_node_resolution():
-    spec = plan.LaunchSpec(nnodes=1, nproc_per_node=1, rdzv_host="127.0.0.1", rdzv_port=1,
-                           rdzv_id="x", train_args=["a"], entry="tools/run.py")
+    spec = plan.LaunchSpec(
+        nnodes=1,
+        nproc_per_node=1,
+        rdzv_host="127.0.0.1",
+        rdzv_port=1,
+        rdzv_id="x",
+        train_args=["a"],
+        entry="tools/run.py",
+    )
     assert plan.build_torchrun_argv(spec, 0, ["torchrun"])[-2:] == ["tools/run.py", "a"]
     h100 = detect_node(str(FIXTURES / "nvidia_smi_topo_h100_sxm.txt"), str(FIXTURES), None)
     assert plan.resolve_nproc_per_node(None, h100, {})[0] == 8
@@ -65,7 +74,9 @@ def test_script_entry_and_ranks_per_node_resolution():
     cpu = detect_node(None, str(FIXTURES), str(FIXTURES / "ip_addr_roce.txt"))
     cpu.gpus = None
     assert plan.resolve_nproc_per_node("auto", cpu, {}) == (
-        1, "no GPU found: one CPU rank per node (gloo backend)")
+        1,
+        "no GPU found: one CPU rank per node (gloo backend)",
+    )
 
 
 def test_dry_run_prints_every_node_with_environment(tmp_path, monkeypatch, capsys):
@@ -74,11 +85,23 @@ def test_dry_run_prints_every_node_with_environment(tmp_path, monkeypatch, capsy
     for name, value in SLURM_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("NCCL_IB_TIMEOUT", "18")
-    code = plan.main(["--slurm", "--dry-run", "--nproc-per-node", "8",
-                      "--nvidia-smi-topo", str(FIXTURES / "nvidia_smi_topo_h100_sxm.txt"),
-                      "--sysfs-root", str(FIXTURES / "sysfs_h100_ib"),
-                      "--ip-addr", str(FIXTURES / "ip_addr_h100.txt"),
-                      "--", "--config", str(config)])
+    code = plan.main(
+        [
+            "--slurm",
+            "--dry-run",
+            "--nproc-per-node",
+            "8",
+            "--nvidia-smi-topo",
+            str(FIXTURES / "nvidia_smi_topo_h100_sxm.txt"),
+            "--sysfs-root",
+            str(FIXTURES / "sysfs_h100_ib"),
+            "--ip-addr",
+            str(FIXTURES / "ip_addr_h100.txt"),
+            "--",
+            "--config",
+            str(config),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     commands = [shlex.split(line) for line in out.splitlines() if "--rdzv-backend=c10d" in line]
@@ -93,3 +116,25 @@ def test_bad_config_is_a_message_not_a_traceback(tmp_path, capsys):
     code = plan.main(["--dry-run", "--", "--config", str(tmp_path / "missing.yaml")])
     assert code == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_node_rank_outside_the_job_is_refused_before_starting(monkeypatch, capsys):
+    monkeypatch.delenv("DRY_RUN", raising=False)
+    for name, value in SLURM_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_NODEID", "4")
+    assert (
+        plan.main(
+            ["--slurm", "--nproc-per-node", "8", "--ip-addr", str(FIXTURES / "ip_addr_h100.txt")]
+        )
+        == 2
+    )
+    assert "SLURM_NODEID=4 is not a node rank in 0..3" in capsys.readouterr().err
+    monkeypatch.delenv("SLURM_NODEID")
+    assert (
+        plan.main(
+            ["--slurm", "--nproc-per-node", "8", "--ip-addr", str(FIXTURES / "ip_addr_h100.txt")]
+        )
+        == 2
+    )
+    assert "SLURM_NODEID; it is not set" in capsys.readouterr().err

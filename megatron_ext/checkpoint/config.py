@@ -1,0 +1,95 @@
+"""Checkpoint configuration (section ``checkpoint``).
+
+The recipe saves every 1,000 steps::
+
+    checkpoint:
+      interval: 1000
+      keep_last: 5
+      allow_changes: []      # e.g. ["schedule.train_steps"] to extend a finished run
+
+The defaults below run the tiny CPU job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_ext.config.errors import ProblemCollector
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When and where checkpoints are written, and what a resume may change."""
+
+    interval: int = 10
+    """Save every this many optimizer steps (the recipe: 1,000; 0 disables periodic saves)."""
+
+    save_dir: str | None = None
+    """Directory holding ``iter_XXXXXXX/`` checkpoints and the ``latest`` pointer
+    (None: ``<run_dir>/checkpoints``)."""
+
+    load: str | None = None
+    """What to resume from. None: the newest complete checkpoint of ``save_dir`` if there is one,
+    else start fresh. A path: either a checkpoint directory (``.../iter_0001000``) or a save
+    directory (its ``latest`` is used); it must exist."""
+
+    keep_last: int | None = None
+    """Keep only this many newest complete checkpoints (None keeps all). The checkpoint that
+    ``latest`` points to is never deleted."""
+
+    save_on_exit: bool = True
+    """Save at the end of training and when stopping early (``exit_after_steps``, a stability
+    stop). A preemption signal (SIGTERM, SIGUSR1) always saves."""
+
+    allow_changes: list[str] = field(default_factory=list)
+    """Config fields or sections (``schedule.train_steps``, ``data``) that a resume may change
+    relative to the checkpoint's config; every allowed change is logged. The parallel layout,
+    ``checkpoint``, ``monitoring`` and ``run_dir`` may always change."""
+
+    finetune: bool = False
+    """Load only the model weights from ``load`` and start a new run at step 0 with a fresh
+    optimizer, LR schedule and data position. Only the ``model`` section must match."""
+
+    optimizer_gather_on_cpu: bool = False
+    """Gather the distributed optimizer state for saving over gloo onto data-parallel rank 0
+    only (less GPU memory, a slower save). By default every data-parallel rank receives the
+    gathered state of its model shard on the device and the ranks write in parallel."""
+
+    def validate(self, problems: ProblemCollector) -> None:
+        problems.check(
+            self.interval >= 0,
+            "checkpoint.interval",
+            self.interval,
+            "must be >= 0",
+            "use 1000 as in the recipe, or 0 to save only at the end",
+        )
+        problems.check(
+            self.keep_last is None or self.keep_last >= 1,
+            "checkpoint.keep_last",
+            self.keep_last,
+            "must be >= 1 or null",
+            "use null to keep every checkpoint, or a positive count",
+        )
+        problems.check(
+            not self.finetune or self.load is not None,
+            "checkpoint.finetune",
+            self.finetune,
+            "finetuning needs the checkpoint to start from",
+            "set checkpoint.load=<checkpoint directory>",
+        )
+        for index, item in enumerate(self.allow_changes):
+            problems.check(
+                isinstance(item, str) and item != "" and not item.startswith("."),
+                f"checkpoint.allow_changes[{index}]",
+                item,
+                "must be a dotted config path such as schedule.train_steps",
+                "name a section (data) or a field (schedule.train_steps)",
+            )
+
+    def resolved_save_dir(self, run_dir: str | object) -> str:
+        """``save_dir``, or ``<run_dir>/checkpoints`` when it is unset."""
+        from pathlib import Path
+
+        return str(
+            Path(self.save_dir) if self.save_dir is not None else Path(run_dir) / "checkpoints"
+        )

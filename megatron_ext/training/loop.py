@@ -1,0 +1,309 @@
+"""The training loop: set up, resume, then step, log, evaluate and checkpoint until done.
+
+Everything arrives through ``ExperimentConfig``; the loop owns no global state. One iteration:
+
+1. the plan of the step (sequence length of the curriculum, global batch, micro-batches, LR) is a
+   closed-form function of progress (``training.schedules``), so a resumed run repeats it exactly;
+2. the step's micro-batches come from the background prefetcher, cut from the token stream at
+   ``consumed_tokens`` (the wait is measured);
+3. ``train_step`` runs megatron-core's schedule for the plan's sequence length and asks the
+   monitor's stability guard before the optimizer touches the weights;
+4. progress advances; metrics, evaluation, checkpoints and preemption follow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_ext.checkpoint.manager import load_checkpoint, save_checkpoint
+from megatron_ext.checkpoint.preemption import PreemptionHandler
+from megatron_ext.config.loader import save_config, to_dict
+from megatron_ext.data.batches import get_eval_batches
+from megatron_ext.data.prefetch import BatchPrefetcher, make_step_loader
+from megatron_ext.data.token_stream import build_token_streams
+from megatron_ext.models.builder import build_model
+from megatron_ext.monitoring.monitor import TrainingMonitor
+from megatron_ext.parallel.init import ParallelContext, destroy_parallel, initialize_parallel
+from megatron_ext.training.experiment import ExperimentConfig, validate_experiment
+from megatron_ext.training.optimizer import attach_schedule_hooks, build_optimizer, wrap_ddp
+from megatron_ext.training.schedules import (
+    TrainProgress,
+    advance,
+    is_done,
+    iter_step_plans,
+    megatron_scheduler_kwargs,
+    progress_state_dict,
+    restore_progress,
+    scheduler_increment,
+)
+from megatron_ext.training.step import mean_loss, run_forward_backward, train_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSummary:
+    """What a finished (or stopped) invocation did."""
+
+    steps_run: int
+    final_step: int
+    consumed_tokens: int
+    first_loss: float | None
+    last_loss: float | None
+    last_val_loss: float | None
+    stopped_by: str
+    """``done``, ``preempted``, ``exit_after_steps`` or ``stability``."""
+    run_dir: str
+
+
+@dataclass
+class _Run:
+    """The objects of one run, built once by ``_setup``."""
+
+    ctx: ParallelContext
+    model: list
+    optimizer: object
+    scheduler: object
+    streams: object
+    progress: TrainProgress
+
+
+def train(cfg: ExperimentConfig) -> TrainSummary:
+    """Run (or resume) the experiment on the processes torchrun started (or this one alone)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_experiment(cfg, world_size)
+    ctx = initialize_parallel(cfg.parallel, cfg.seed)
+    try:
+        run = _setup(cfg, ctx)
+        return _loop(cfg, run)
+    finally:
+        destroy_parallel()
+
+
+def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    run_dir = Path(cfg.run_dir)
+    if ctx.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    _check_tokenizer(cfg)
+    streams = build_token_streams(cfg.data)
+    chunks = build_model(cfg.model, cfg.parallel, cfg.precision, ctx.device)
+    ddp_chunks = wrap_ddp(chunks, cfg.parallel, cfg.precision)
+    optimizer = build_optimizer(
+        ddp_chunks,
+        cfg.optimizer,
+        cfg.parallel,
+        cfg.precision,
+        peak_lr=cfg.schedule.lr,
+        min_lr=cfg.schedule.min_lr,
+    )
+    attach_schedule_hooks(ddp_chunks, optimizer, cfg.parallel)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        **megatron_scheduler_kwargs(cfg.schedule, weight_decay=cfg.optimizer.weight_decay),
+    )
+    run_state = load_checkpoint(
+        cfg.checkpoint, run_dir, ddp_chunks, optimizer, scheduler, ctx, to_dict(cfg)
+    )
+    progress = TrainProgress()
+    if run_state is not None:
+        progress = restore_progress(
+            cfg.schedule,
+            run_state["progress"],
+            ctx.layout.dp,
+            allow_schedule_change=_schedule_change_allowed(cfg),
+        )
+        if ctx.rank == 0:
+            logger.info("resumed at step %d (%d tokens)", progress.step, progress.consumed_tokens)
+    return _Run(ctx, ddp_chunks, optimizer, scheduler, streams, progress)
+
+
+def _schedule_change_allowed(cfg: ExperimentConfig) -> bool:
+    return any(item == "schedule" or item.startswith("schedule.") for item in
+               cfg.checkpoint.allow_changes)
+
+
+def _check_tokenizer(cfg: ExperimentConfig) -> None:
+    if cfg.tokenizer.tokenizer_type == "none":
+        return
+    from megatron_ext.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer.tokenizer_type, cfg.tokenizer.tokenizer_model)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+            f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
+        )
+    if cfg.data.eod_token_id is not None and cfg.data.eod_token_id != tokenizer.eod:
+        raise ValueError(
+            f"data.eod_token_id={cfg.data.eod_token_id} but the tokenizer's end-of-document id "
+            f"is {tokenizer.eod}; set data.eod_token_id={tokenizer.eod}"
+        )
+
+
+def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
+    from megatron.core import parallel_state
+
+    ctx = run.ctx
+    dp = ctx.layout.dp
+    is_last_stage = parallel_state.is_pipeline_last_stage()
+    pp_group = ctx.pp_group()
+    load = make_step_loader(
+        run.streams.train,
+        dp_rank=ctx.dp_rank,
+        dp_size=dp,
+        micro_batch_size=cfg.schedule.micro_batch_size,
+        eod_mask_loss=cfg.data.eod_mask_loss,
+        reset_position_ids=cfg.data.reset_position_ids,
+    )
+    prefetcher = BatchPrefetcher(
+        load,
+        (plan.request for plan in iter_step_plans(cfg.schedule, run.progress, dp)),
+        num_workers=cfg.data.num_workers,
+        prefetch_batches=cfg.data.prefetch_batches,
+        pin_memory=cfg.data.pin_memory,
+    )
+    monitor = TrainingMonitor(cfg.monitoring, Path(cfg.run_dir), ctx, run.model, cfg.model)
+    preemption = PreemptionHandler()
+    progress = run.progress
+    start_step = progress.step
+    first_loss = last_loss = val_loss = None
+    stopped_by = "done"
+    try:
+        for plan in iter_step_plans(cfg.schedule, progress, dp):
+            batch = prefetcher.next()
+            assert batch.request == plan.request, (batch.request, plan.request)
+            monitor.start_step(plan.step + 1)
+            began = time.perf_counter()
+            result = train_step(
+                run.model,
+                run.optimizer,
+                batch.micro_batches,
+                plan.seq_length,
+                ctx.torch_device,
+                pp_group,
+                is_last_stage,
+                allow_update=monitor.allow_update,
+            )
+            step_time = time.perf_counter() - began
+            # The LR schedule follows the step count, skipped updates included, so that it stays
+            # the closed form of progress (as the data position does).
+            lr = run.optimizer.param_groups[0]["lr"]
+            run.scheduler.step(increment=scheduler_increment(cfg.schedule, plan))
+            progress = advance(progress, plan)
+            first_loss = result.loss if first_loss is None else first_loss
+            last_loss = result.loss
+            step = progress.step
+            evaluated = _eval_due(cfg, step) or is_done(cfg.schedule, progress)
+            if evaluated:
+                val_loss = _evaluate(cfg, run, is_last_stage, pp_group)
+            monitor.end_step(
+                step,
+                {
+                    "consumed_tokens": progress.consumed_tokens,
+                    "consumed_samples": progress.consumed_samples,
+                    "seq_length": plan.seq_length,
+                    "global_batch_size": plan.global_batch_size,
+                    "num_microbatches": plan.num_microbatches,
+                    "loss": result.loss,
+                    "grad_norm": result.grad_norm,
+                    "lr": lr,
+                    "loss_scale": float(run.optimizer.get_loss_scale().item()),
+                    "skipped": result.skipped,
+                    "tokens": plan.num_tokens,
+                    "val_loss": val_loss if evaluated else None,
+                },
+                {"step_s": step_time, "data_wait_ms": batch.wait_ms},
+            )
+            stop = _stop_reason(cfg, monitor, preemption, ctx, step, start_step)
+            is_last = is_done(cfg.schedule, progress) or stop is not None
+            if _checkpoint_due(cfg, step) or (is_last and cfg.checkpoint.save_on_exit):
+                _save(cfg, run, progress)
+            if stop is not None:
+                stopped_by = stop
+                break
+    finally:
+        prefetcher.close()
+        preemption.close()
+        monitor.close()
+    return TrainSummary(
+        steps_run=progress.step - start_step,
+        final_step=progress.step,
+        consumed_tokens=progress.consumed_tokens,
+        first_loss=first_loss,
+        last_loss=last_loss,
+        last_val_loss=val_loss,
+        stopped_by=stopped_by,
+        run_dir=cfg.run_dir,
+    )
+
+
+def _eval_due(cfg: ExperimentConfig, step: int) -> bool:
+    interval = cfg.training.eval_interval
+    return interval > 0 and step % interval == 0
+
+
+def _checkpoint_due(cfg: ExperimentConfig, step: int) -> bool:
+    return cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
+
+
+def _stop_reason(cfg, monitor, preemption, ctx, step: int, start_step: int) -> str | None:
+    if preemption.should_stop(ctx):
+        return "preempted"
+    if monitor.should_stop():
+        return "stability"
+    exit_after = cfg.training.exit_after_steps
+    if exit_after is not None and step - start_step >= exit_after:
+        return "exit_after_steps"
+    return None
+
+
+def _save(cfg: ExperimentConfig, run: _Run, progress: TrainProgress) -> None:
+    run_state = {"progress": progress_state_dict(cfg.schedule, progress, run.ctx.layout.dp)}
+    save_checkpoint(
+        cfg.checkpoint,
+        Path(cfg.run_dir),
+        progress.step,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run_state,
+        to_dict(cfg),
+        run.ctx,
+    )
+
+
+@torch.no_grad()
+def _evaluate(cfg: ExperimentConfig, run: _Run, is_last_stage: bool, pp_group) -> float | None:
+    """Mean loss over the fixed validation batches (None when the split has no validation)."""
+    if run.streams.valid is None or cfg.training.eval_iters <= 0:
+        return None
+    ctx = run.ctx
+    batches = get_eval_batches(
+        run.streams.valid,
+        cfg.training.eval_iters,
+        cfg.schedule.global_batch_size,
+        cfg.schedule.seq_length,
+        ctx.dp_rank,
+        ctx.layout.dp,
+        cfg.schedule.micro_batch_size,
+    )
+    for chunk in run.model:
+        chunk.eval()
+    losses = []
+    for micro_batches in batches:
+        loss_dicts = run_forward_backward(
+            run.model, micro_batches, cfg.schedule.seq_length, ctx.torch_device, forward_only=True
+        )
+        losses.append(mean_loss(loss_dicts, ctx.torch_device, pp_group, is_last_stage))
+    for chunk in run.model:
+        chunk.train()
+    return sum(losses) / len(losses)

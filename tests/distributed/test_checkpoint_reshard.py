@@ -1,0 +1,272 @@
+"""Resharding on resume: TP2xPP2xDP2 -> TP1xPP1xDP4 and back, over gloo on CPU.
+
+One spawn of 8 processes runs three phases, each a fresh process group and megatron-core state:
+
+1. TP2xPP2xDP2 (8 ranks): train steps 1-2, save step 2 into ``A``, train step 3.
+2. TP1xPP1xDP4 (ranks 0-3): build a differently initialised model, resume from ``A``, save the
+   loaded state again as ``A_resaved``, train step 3, save step 3 into ``B``, train step 4.
+3. TP2xPP2xDP2 (8 ranks): resume from ``B``, save it again as ``B_resaved``, train step 4.
+
+The checks: the re-saved checkpoints hold exactly the tensors (model and optimizer state, at full
+shape, as dist_checkpointing gathers them) of the checkpoint that was loaded; the first loss after
+resuming equals the loss the other layout computes at that step; the token position continues.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 8, 1, 32, 4000
+PHASES = [  # (tp, pp, ranks taking part, model seed)
+    (2, 2, 8, 1234),
+    (1, 1, 4, 99),
+    (2, 2, 8, 7),
+]
+
+
+def _micro_batches(step: int, dp_rank: int, dp: int) -> list[dict[str, torch.Tensor]]:
+    """The same global batch for a step whatever the layout; this DP rank's share of it."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    per_rank = GLOBAL_BATCH // dp
+    mine = tokens[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    return [
+        {
+            "tokens": mine[i : i + MICRO_BATCH, :-1],
+            "labels": mine[i : i + MICRO_BATCH, 1:],
+            "loss_mask": torch.ones(MICRO_BATCH, SEQ),
+            "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ),
+        }
+        for i in range(0, per_rank, MICRO_BATCH)
+    ]
+
+
+class _Trainer:
+    """Model + DDP + distributed optimizer + LR scheduler of one phase."""
+
+    def __init__(self, tp: int, pp: int, seed: int):
+        from megatron.core import parallel_state
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_ext.models.builder import build_model, build_transformer_config
+        from megatron_ext.models.config import ModelConfig, PrecisionConfig
+        from megatron_ext.parallel.config import ParallelConfig
+        from megatron_ext.parallel.init import initialize_parallel
+        from megatron_ext.training.optimizer import OptimizerConfig, build_optimizer, wrap_ddp
+
+        self.parallel = ParallelConfig(
+            device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+        self.ctx = initialize_parallel(self.parallel, seed=seed)
+        model_cfg, precision = ModelConfig(), PrecisionConfig()
+        chunks = build_model(model_cfg, self.parallel, precision, self.ctx.device)
+        tc = build_transformer_config(model_cfg, self.parallel, precision, self.ctx.device)
+        self.model = wrap_ddp(chunks, tc, self.parallel, precision)
+        self.optimizer = build_optimizer(
+            self.model, OptimizerConfig(), self.parallel, precision, 1e-3, 1e-4
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=1e-3,
+            min_lr=1e-4,
+            lr_warmup_steps=2,
+            lr_decay_steps=10,
+            lr_decay_style="cosine",
+            start_wd=0.1,
+            end_wd=0.1,
+            wd_incr_steps=10,
+            wd_incr_style="constant",
+        )
+        self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        self.step = 0
+        self.consumed_tokens = 0
+        self.config = {"seed": 1234, "model": {"hidden_size": 64}, "parallel": {"tp": tp, "pp": pp}}
+
+    def train(self, results: dict) -> None:
+        from megatron_ext.training.step import train_step
+
+        ctx = self.ctx
+        batches = _micro_batches(self.step + 1, ctx.dp_rank, ctx.layout.dp)
+        result = train_step(
+            self.model,
+            self.optimizer,
+            batches,
+            SEQ,
+            ctx.torch_device,
+            ctx.pp_group(),
+            self.is_last_stage,
+        )
+        self.scheduler.step(increment=1)
+        self.step += 1
+        self.consumed_tokens += GLOBAL_BATCH * SEQ
+        results[f"loss_{self.step}"] = result.loss
+        results[f"grad_norm_{self.step}"] = result.grad_norm
+        results[f"lr_after_{self.step}"] = self.optimizer.param_groups[0]["lr"]
+
+    def save(self, save_dir: Path) -> None:
+        from megatron_ext.checkpoint.config import CheckpointConfig
+        from megatron_ext.checkpoint.manager import save_checkpoint
+
+        save_checkpoint(
+            CheckpointConfig(save_dir=str(save_dir)),
+            save_dir.parent,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            {"consumed_tokens": self.consumed_tokens},
+            self.config,
+            self.ctx,
+        )
+
+    def load(self, save_dir: Path, results: dict) -> None:
+        from megatron_ext.checkpoint.config import CheckpointConfig
+        from megatron_ext.checkpoint.manager import load_checkpoint
+
+        state = load_checkpoint(
+            CheckpointConfig(save_dir=str(save_dir)),
+            save_dir.parent,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.ctx,
+            self.config,
+        )
+        self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
+        results["resumed_step"] = self.step
+        results["resumed_tokens"] = self.consumed_tokens
+        results["resumed_lr"] = self.optimizer.param_groups[0]["lr"]
+
+
+def _preemption_agreed(ctx, signal_rank: int | None) -> bool:
+    """Whether every rank stops when only ``signal_rank`` received SIGUSR1."""
+    import signal
+
+    from megatron_ext.checkpoint.preemption import PreemptionHandler
+
+    with PreemptionHandler() as handler:
+        if ctx.rank == signal_rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return handler.should_stop(ctx)
+
+
+def _phase(index: int, rank: int, port: int, root: Path) -> None:
+    from megatron_ext.parallel.init import destroy_parallel
+
+    tp, pp, world, seed = PHASES[index]
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    trainer = _Trainer(tp, pp, seed)
+    results: dict = {}
+    try:
+        if index == 0:
+            trainer.train(results)
+            results["stop_before_signal"] = _preemption_agreed(trainer.ctx, signal_rank=None)
+            results["stop_after_signal"] = _preemption_agreed(trainer.ctx, signal_rank=5)
+            trainer.train(results)
+            trainer.save(root / "A")
+            trainer.train(results)
+        elif index == 1:
+            trainer.load(root / "A", results)
+            trainer.save(root / "A_resaved")
+            trainer.train(results)
+            trainer.save(root / "B")
+            trainer.train(results)
+        else:
+            trainer.load(root / "B", results)
+            trainer.save(root / "B_resaved")
+            trainer.train(results)
+        if trainer.ctx.is_logging_rank:
+            (root / f"phase{index}.json").write_text(json.dumps(results))
+    finally:
+        destroy_parallel()
+
+
+def worker(rank: int, ports: list[int], root: str) -> None:
+    """One process of the spawn: every phase it takes part in, in order."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    for index, (_, _, world, _) in enumerate(PHASES):
+        if rank < world:
+            _phase(index, rank, ports[index], Path(root))
+
+
+def _full_tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch_dist checkpoint at full shape, read without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{checkpoint.parent.name}_{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(out))
+    state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.fixture(scope="module")
+def resharded_runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    from megatron_ext.parallel.init import find_free_port
+
+    root = tmp_path_factory.mktemp("reshard")
+    # Spawned children import this module by name; pytest's importlib mode does not make it
+    # importable, so put its directory on the path and spawn the function from that import.
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        module = importlib.import_module(Path(__file__).stem)
+        ports = [find_free_port() for _ in PHASES]
+        mp.spawn(module.worker, args=(ports, str(root)), nprocs=8, join=True)
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+    results = [json.loads((root / f"phase{i}.json").read_text()) for i in range(len(PHASES))]
+    return root, results
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_tp2pp2dp2_to_tp1pp1dp4(resharded_runs, tmp_path):
+    root, (a, b, _) = resharded_runs
+    # Preemption: a signal on one rank stops all of them at the same step.
+    assert a["stop_before_signal"] is False and a["stop_after_signal"] is True
+    assert b["resumed_step"] == 2
+    assert b["resumed_tokens"] == 2 * GLOBAL_BATCH * SEQ
+    assert b["resumed_lr"] == a["lr_after_2"]
+    saved = _full_tensors(root / "A" / "iter_0000002", tmp_path)
+    resaved = _full_tensors(root / "A_resaved" / "iter_0000002", tmp_path)
+    assert saved.keys() == resaved.keys()
+    assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in saved)
+    for key in saved:
+        assert torch.equal(saved[key], resaved[key]), key
+    # The first step after resuming: the same loss and gradient norm as the original layout.
+    assert b["loss_3"] == pytest.approx(a["loss_3"], rel=1e-5)
+    assert b["grad_norm_3"] == pytest.approx(a["grad_norm_3"], rel=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_tp1pp1dp4_to_tp2pp2dp2(resharded_runs, tmp_path):
+    root, (_, b, c) = resharded_runs
+    assert c["resumed_step"] == 3
+    assert c["resumed_tokens"] == 3 * GLOBAL_BATCH * SEQ
+    assert c["resumed_lr"] == b["lr_after_3"]
+    saved = _full_tensors(root / "B" / "iter_0000003", tmp_path)
+    resaved = _full_tensors(root / "B_resaved" / "iter_0000003", tmp_path)
+    assert saved.keys() == resaved.keys()
+    for key in saved:
+        assert torch.equal(saved[key], resaved[key]), key
+    assert c["loss_4"] == pytest.approx(b["loss_4"], rel=1e-5)
+    assert c["grad_norm_4"] == pytest.approx(b["grad_norm_4"], rel=1e-4)

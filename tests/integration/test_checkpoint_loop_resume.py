@@ -1,0 +1,161 @@
+"""The training loop end to end: exact resume after SIGKILL, and SIGTERM preemption.
+
+Run A trains 30 steps with a checkpoint every 10. Run B is the same command, killed with SIGKILL
+at step 24 and started again: it resumes from step 20, and its losses and gradient norms from step
+21 on equal A's bit for bit. Run C gets SIGTERM during training: it saves at the step it is on,
+exits 0, and the next start continues from there to the same numbers as A.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
+TRAIN_STEPS, INTERVAL = 30, 10
+
+pytestmark = pytest.mark.skipif(not CONFIG.exists(), reason=f"{CONFIG} not found")
+
+
+def _write_dataset(prefix: Path) -> str:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for _ in range(400):
+        document = rng.integers(1, 4000, size=int(rng.integers(20, 300)))
+        builder.add_document(document, [len(document)])
+    builder.finalize(str(prefix) + ".idx")
+    return str(prefix)
+
+
+def _command(run_dir: Path, data: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "megatron_ext.train",
+        "--config",
+        str(CONFIG),
+        f"--run_dir={run_dir}",
+        f"--checkpoint.interval={INTERVAL}",
+        f"--schedule.train_steps={TRAIN_STEPS}",
+        f"--data.data_path=[{data}]",
+        "--parallel.device=cpu",
+    ]
+
+
+def _start(run_dir: Path, data: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["PYTHONWARNINGS"] = "ignore"
+    with open(run_dir.with_suffix(".log"), "a") as log:
+        return subprocess.Popen(
+            _command(run_dir, data), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def _log(run_dir: Path) -> str:
+    path = run_dir.with_suffix(".log")
+    return path.read_text()[-6000:] if path.exists() else ""
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    """The last record of every step (a resumed run logs the steps after its checkpoint again)."""
+    path = run_dir / "metrics.jsonl"
+    rows: dict[int, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by SIGKILL
+                if "step" in row and "loss" in row:
+                    rows[row["step"]] = row
+    return rows
+
+
+def _run_to_end(run_dir: Path, data: str, timeout: float = 400) -> None:
+    proc = _start(run_dir, data)
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+    assert code == 0, _log(run_dir)
+
+
+def _signal_at(proc: subprocess.Popen, run_dir: Path, step: int, sig: int) -> None:
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before step {step}:\n{_log(run_dir)}")
+        if max(_metrics(run_dir), default=0) >= step:
+            proc.send_signal(sig)
+            return
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached:\n{_log(run_dir)}")
+
+
+def _latest(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    data = _write_dataset(root / "tokens")
+    run_a = root / "A"
+    _run_to_end(run_a, data)
+    metrics = _metrics(run_a)
+    assert sorted(metrics) == list(range(1, TRAIN_STEPS + 1))
+    return root, data, metrics
+
+
+@pytest.mark.timeout(900)
+def test_checkpoint_exact_resume_after_sigkill(reference):
+    root, data, expected = reference
+    run_b = root / "B"
+    proc = _start(run_b, data)
+    _signal_at(proc, run_b, 24, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    killed_at = max(_metrics(run_b))
+    assert 24 <= killed_at < TRAIN_STEPS
+    assert _latest(run_b) == "iter_0000020"
+
+    _run_to_end(run_b, data)
+    resumed = _metrics(run_b)
+    for step in range(21, TRAIN_STEPS + 1):
+        assert resumed[step]["loss"] == expected[step]["loss"], step
+        assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
+        assert resumed[step]["consumed_tokens"] == expected[step]["consumed_tokens"], step
+    assert _latest(run_b) == f"iter_{TRAIN_STEPS:07d}"
+
+
+@pytest.mark.timeout(900)
+def test_checkpoint_sigterm_saves_and_resumes(reference):
+    root, data, expected = reference
+    run_c = root / "C"
+    proc = _start(run_c, data)
+    _signal_at(proc, run_c, 5, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, _log(run_c)
+    stopped_at = max(_metrics(run_c))
+    assert stopped_at < TRAIN_STEPS
+    assert _latest(run_c) == f"iter_{stopped_at:07d}"
+    run_state = json.loads((run_c / "checkpoints" / _latest(run_c) / "run_state.json").read_text())
+    assert run_state["step"] == stopped_at
+
+    _run_to_end(run_c, data)
+    resumed = _metrics(run_c)
+    assert sorted(resumed) == list(range(1, TRAIN_STEPS + 1))
+    for step in range(stopped_at + 1, TRAIN_STEPS + 1):
+        assert resumed[step]["loss"] == expected[step]["loss"], step
+        assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
