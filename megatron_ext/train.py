@@ -54,7 +54,12 @@ def dry_run_report(cfg, world_size: int) -> str:
         f"model: {total_params(cfg.model, tp) / 1e9:.3f}B parameters, {cfg.model.num_layers} layers,"
         f" padded vocabulary {cfg.model.padded_vocab_size(tp)}",
     ]
-    for length in curriculum_lengths(sched):
+    lengths = curriculum_lengths(sched)
+    if len(lengths) > 1:
+        lines.append(
+            f"curriculum: {len(lengths)} sequence lengths from {lengths[0]} to {lengths[-1]}"
+        )
+    for length in sorted({lengths[0], lengths[-1]}):
         batch = step_global_batch_size(sched, length, layout.dp)
         accumulation = batch // (sched.micro_batch_size * layout.dp)
         lines.append(

@@ -280,7 +280,8 @@ def _torch_adam_step_hidden(optimizer: Any) -> Iterator[None]:
     Its loader copies every entry of the per-parameter state from the checkpoint, but torch Adam
     keeps a ``step`` entry there that the checkpoint stores in the param groups instead (and
     restores separately), so the copy fails with ``KeyError: 'step'``. While loading, each
-    parameter's ``step`` is set aside around that copy and put back unchanged.
+    parameter's ``step`` is set aside around that copy and put back unchanged; afterwards every
+    parameter gets its own copy of the restored step.
     """
     patched = []
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -306,6 +307,12 @@ def _torch_adam_step_hidden(optimizer: Any) -> Iterator[None]:
     finally:
         for inner in patched:
             del inner._set_main_param_and_optimizer_states
+            # megatron-core gives every parameter the same ``step`` tensor, and torch's Adam
+            # increments each parameter's step in place: shared, it would advance once per
+            # parameter per step and corrupt the bias correction. One tensor per parameter.
+            for state in inner.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
 
 
 # ---- files of our own and the search for a checkpoint ------------------------------------------

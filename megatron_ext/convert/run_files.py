@@ -123,17 +123,36 @@ def find_tokenizer_dir(
         for key in _TOKENIZER_KEYS:
             value = values.get(key)
             if isinstance(value, str) and value:
-                path = Path(value)
-                if not path.exists():
-                    raise ValueError(
-                        f"the run's {section}.{key} names {path}, which does not exist; "
-                        "pass the tokenizer explicitly"
-                    )
-                return path
+                for path in _candidate_paths(value, checkpoint_dir, config):
+                    if path.exists():
+                        return path
+                raise ValueError(
+                    f"the run's {section}.{key} names {value}, which does not exist; "
+                    "pass the tokenizer explicitly"
+                )
     for candidate in (checkpoint_dir / TOKENIZER_DIR, checkpoint_dir.parent.parent / TOKENIZER_DIR):
         if candidate.is_dir():
             return candidate
     return None
+
+
+def _candidate_paths(value: str, checkpoint_dir: Path, config: dict) -> list[Path]:
+    """``value`` as given, and, when relative, from where training ran.
+
+    Configs hold paths relative to the directory training was started in; that directory is the
+    run directory with the config's (relative) ``run_dir`` taken off its end.
+    """
+    path = Path(value)
+    if path.is_absolute():
+        return [path]
+    candidates = [path]
+    run_dir = config.get("run_dir")
+    actual_run = checkpoint_dir.resolve().parent.parent
+    if isinstance(run_dir, str) and run_dir and not Path(run_dir).is_absolute():
+        parts = Path(run_dir).parts
+        if actual_run.parts[-len(parts) :] == parts:
+            candidates.append(actual_run.parents[len(parts) - 1] / path)
+    return candidates
 
 
 def write_hf_tokenizer(source: Path, output_dir: Path) -> list[str]:

@@ -202,9 +202,7 @@ def _write_weights(
             writer.add(name, tensor)
         logger.info("layer %d/%d written", layer + 1, cfg.num_layers)
     final_norm = reader.read(prefix + llama.FINAL_NORM)
-    writer.add(
-        llama.HF_FINAL_NORM, final_norm + model.norm_offset if model.norm_offset else final_norm
-    )
+    writer.add(llama.HF_FINAL_NORM, final_norm + model.norm_offset)
     if cfg.untie_embeddings_and_output_weights:
         writer.add(llama.HF_LM_HEAD, reader.read(prefix + llama.OUTPUT_LAYER, rows=cfg.vocab_size))
     elif reader.has(prefix + llama.OUTPUT_LAYER):

@@ -52,6 +52,8 @@ class ModelConfig:
     """Layers per recomputation group (full recomputation)."""
 
     def validate(self, problems: ProblemCollector, tp: int, pp: int, vpp: int | None) -> None:
+        # Invalid degrees are reported by ParallelConfig; check divisibility against 1 instead.
+        tp, pp, vpp = max(tp, 1), max(pp, 1), (vpp if vpp is None or vpp >= 1 else None)
         problems.check(
             self.num_attention_heads % tp == 0,
             "model.num_attention_heads",

@@ -174,6 +174,7 @@ def _resume(root: Path) -> None:
     run.save(cfg, 2)
     out["draws_a"] = _draws()
     out["step3_a"] = run.train(3)
+    out["step4_a"] = run.train(4)  # needs the optimizer state (moments, Adam step) restored
     destroy_parallel()
 
     run = _Run(tiny, seed=6)
@@ -185,6 +186,7 @@ def _resume(root: Path) -> None:
     out["state"] = run.load(cfg)
     out["draws_b"] = _draws()
     out["step3_b"] = run.train(3)
+    out["step4_b"] = run.train(4)
     destroy_parallel()
 
     run = _Run(tiny, seed=7)
@@ -256,6 +258,7 @@ def test_checkpoint_sigkill_during_save_then_resume(tmp_path):
     assert out["state"] == {"step": 2, "consumed_tokens": 2 * 4 * SEQ}
     assert out["draws_b"] == out["draws_a"]
     assert out["step3_b"] == out["step3_a"]
+    assert out["step4_b"] == out["step4_a"]
 
     # A silent change of the run is refused, naming each field.
     assert out["refused_fields"] == ["model.num_layers", "schedule.train_steps"]

@@ -2,14 +2,15 @@
 
 One spawn of 8 processes runs three phases, each a fresh process group and megatron-core state:
 
-1. TP2xPP2xDP2 (8 ranks): train steps 1-2, save step 2 into ``A``, train step 3.
+1. TP2xPP2xDP2 (8 ranks): train steps 1-2, save step 2 into ``A``, train steps 3-4.
 2. TP1xPP1xDP4 (ranks 0-3): build a differently initialised model, resume from ``A``, save the
-   loaded state again as ``A_resaved``, train step 3, save step 3 into ``B``, train step 4.
-3. TP2xPP2xDP2 (8 ranks): resume from ``B``, save it again as ``B_resaved``, train step 4.
+   loaded state again as ``A_resaved``, train step 3, save step 3 into ``B``, train steps 4-5.
+3. TP2xPP2xDP2 (8 ranks): resume from ``B``, save it again as ``B_resaved``, train steps 4-5.
 
 The checks: the re-saved checkpoints hold exactly the tensors (model and optimizer state, at full
-shape, as dist_checkpointing gathers them) of the checkpoint that was loaded; the first loss after
-resuming equals the loss the other layout computes at that step; the token position continues.
+shape, as dist_checkpointing gathers them) of the checkpoint that was loaded; the first two losses
+after resuming (the second one depends on the optimizer state) equal the losses the other layout
+computes at those steps; the token position and the LR continue.
 """
 
 from __future__ import annotations
@@ -181,15 +182,19 @@ def _phase(index: int, rank: int, port: int, root: Path) -> None:
             trainer.train(results)
             trainer.save(root / "A")
             trainer.train(results)
+            trainer.save(root / "A3")
+            trainer.train(results)
         elif index == 1:
             trainer.load(root / "A", results)
             trainer.save(root / "A_resaved")
             trainer.train(results)
             trainer.save(root / "B")
             trainer.train(results)
+            trainer.train(results)
         else:
             trainer.load(root / "B", results)
             trainer.save(root / "B_resaved")
+            trainer.train(results)
             trainer.train(results)
         if trainer.ctx.is_logging_rank:
             (root / f"phase{index}.json").write_text(json.dumps(results))
@@ -255,6 +260,15 @@ def test_checkpoint_tp2pp2dp2_to_tp1pp1dp4(resharded_runs, tmp_path):
     # The first step after resuming: the same loss and gradient norm as the original layout.
     assert b["loss_3"] == pytest.approx(a["loss_3"], rel=1e-5)
     assert b["grad_norm_3"] == pytest.approx(a["grad_norm_3"], rel=1e-4)
+    # The update of that step used the resharded optimizer state (moments, Adam step): the
+    # weights and moments after it match the original layout's.
+    assert b["loss_4"] == pytest.approx(a["loss_4"], rel=1e-5)
+    original = _full_tensors(root / "A3" / "iter_0000003", tmp_path)
+    resumed = _full_tensors(root / "B" / "iter_0000003", tmp_path)
+    assert original.keys() == resumed.keys()
+    worst = max((original[k] - resumed[k]).abs().max().item() for k in original)
+    (root / "worst.txt").write_text(str(worst))
+    assert worst < 1e-6, worst
 
 
 @pytest.mark.timeout(600)
@@ -270,3 +284,4 @@ def test_checkpoint_tp1pp1dp4_to_tp2pp2dp2(resharded_runs, tmp_path):
         assert torch.equal(saved[key], resaved[key]), key
     assert c["loss_4"] == pytest.approx(b["loss_4"], rel=1e-5)
     assert c["grad_norm_4"] == pytest.approx(b["grad_norm_4"], rel=1e-4)
+    assert c["loss_5"] == pytest.approx(b["loss_5"], rel=1e-5)

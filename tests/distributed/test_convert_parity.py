@@ -89,14 +89,13 @@ def _logits_step(captured: list, data_iterator, model):
 
 
 def _trainer(model_cfg, par, ctx, lr):
-    from megatron_ext.models.builder import build_model, build_transformer_config
+    from megatron_ext.models.builder import build_model
     from megatron_ext.models.config import PrecisionConfig
     from megatron_ext.training.optimizer import OptimizerConfig, build_optimizer, wrap_ddp
 
     precision = PrecisionConfig()
     chunks = build_model(model_cfg, par, precision, ctx.device)
-    tc = build_transformer_config(model_cfg, par, precision, ctx.device)
-    ddp = wrap_ddp(chunks, tc, par, precision)
+    ddp = wrap_ddp(chunks, par, precision)
     return chunks, ddp, build_optimizer(ddp, OptimizerConfig(), par, precision, lr, lr)
 
 
@@ -427,12 +426,17 @@ def test_convert_torch_dist_stores_fc1_and_qkv_layout_independent(runs):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("layout_run", ["run_c", "run_d"], ids=["tp2pp2", "tp2pp2vpp2"])
+@pytest.mark.parametrize(
+    "layout_run", ["run_b", "run_c", "run_d"], ids=["import_tp1", "tp2pp2", "tp2pp2vpp2"]
+)
 def test_convert_hf_roundtrip_through_parallel_layout_bit_identical(runs, tmp_path, layout_run):
     from megatron_ext.convert.to_hf import convert_to_hf
 
     root, _, _ = runs
     back = convert_to_hf(root / layout_run, tmp_path / "hf_back")
+    if layout_run == "run_b":  # the import carries the tokenizer in its checkpoint directory
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            assert (back / name).read_bytes() == (root / "hf_src" / name).read_bytes(), name
     original, returned = _all_tensors(root / "hf_src"), _all_tensors(back)
     assert sorted(original) == sorted(returned)
     for name, tensor in original.items():

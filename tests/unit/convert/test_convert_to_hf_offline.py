@@ -198,3 +198,73 @@ def test_convert_parse_size(text, size):
 def test_convert_parse_size_rejects_garbage():
     with pytest.raises(ValueError, match="5GB"):
         parse_size("five gigs")
+
+
+def test_convert_reads_a_training_run_config_and_its_relative_tokenizer(tmp_path, monkeypatch):
+    """config.yaml as the training loop writes it (every section), tokenizer path relative."""
+    from megatron_ext.config.loader import to_dict
+    from megatron_ext.convert.run_files import find_tokenizer_dir, run_model
+    from megatron_ext.models.config import ModelConfig
+    from megatron_ext.training.experiment import ExperimentConfig, TokenizerConfig
+
+    experiment = ExperimentConfig(
+        run_dir="runs/tiny",
+        model=ModelConfig(**MODEL),
+        tokenizer=TokenizerConfig(
+            tokenizer_type="SentencePieceTokenizer", tokenizer_model="runs/demo/tokenizer"
+        ),
+    )
+    config = to_dict(experiment)
+    start = tmp_path / "work"
+    ckpt = _write_checkpoint(start / "runs" / "tiny", 7, _tensors())
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    (start / "runs" / "demo" / "tokenizer").mkdir(parents=True)
+    assert run_model(config, ckpt / "config.yaml").config == ModelConfig(**MODEL)
+    monkeypatch.chdir(tmp_path)  # not where training ran: found from run_dir
+    assert find_tokenizer_dir(ckpt, config) == start / "runs" / "demo" / "tokenizer"
+    config["tokenizer"]["tokenizer_model"] = "runs/elsewhere"
+    with pytest.raises(ValueError, match="runs/elsewhere, which does not exist"):
+        find_tokenizer_dir(ckpt, config)
+
+
+@pytest.mark.parametrize("layout", ["safetensors_index", "bin", "bin_index"])
+def test_convert_hf_weights_reads_every_file_layout(tmp_path, layout):
+    from safetensors.torch import save_file
+
+    from megatron_ext.convert.hf_files import HFWeights
+
+    tensors = {"a.weight": torch.arange(6.0).view(2, 3), "b.weight": torch.ones(4)}
+    if layout == "bin":
+        torch.save(tensors, tmp_path / "pytorch_model.bin")
+    else:
+        files = {}
+        for i, (name, tensor) in enumerate(tensors.items()):
+            file = f"part{i}.safetensors" if layout == "safetensors_index" else f"part{i}.bin"
+            if layout == "safetensors_index":
+                save_file({name: tensor}, tmp_path / file)
+            else:
+                torch.save({name: tensor}, tmp_path / file)
+            files[name] = file
+        index = (
+            "model.safetensors.index.json"
+            if layout == "safetensors_index"
+            else ("pytorch_model.bin.index.json")
+        )
+        (tmp_path / index).write_text(json.dumps({"weight_map": files}))
+    weights = HFWeights(tmp_path)
+    assert sorted(weights.names()) == sorted(tensors)
+    assert all(torch.equal(weights.get(n), t) for n, t in tensors.items())
+    with pytest.raises(ValueError, match="holds no tensor"):
+        weights.get("c.weight")
+
+
+def test_convert_hf_weights_reports_missing_files(tmp_path):
+    from megatron_ext.convert.hf_files import HFWeights
+
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        HFWeights(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "gone.safetensors"}})
+    )
+    with pytest.raises(ValueError, match="gone.safetensors, which is missing"):
+        HFWeights(tmp_path)

@@ -1,0 +1,113 @@
+"""One test per validation rule: the error names the field, the rule and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_ext.config.errors import ConfigError
+from megatron_ext.config.loader import apply_overrides, from_dict, load_config, to_dict
+from megatron_ext.training.experiment import ExperimentConfig, validate_experiment
+
+# A valid base: the tiny config's sizes on 8 processes (TP2 x PP2 x DP2).
+BASE = [
+    "--parallel.tensor_model_parallel_size=2",
+    "--parallel.pipeline_model_parallel_size=2",
+    "--data.data_path=[unused_prefix]",
+]
+
+
+def _errors(overrides: list[str], world_size: int = 8) -> ConfigError:
+    cfg = load_config(ExperimentConfig, None, BASE + overrides)
+    with pytest.raises(ConfigError) as info:
+        validate_experiment(cfg, world_size, check_files=False)
+    return info.value
+
+
+def test_base_is_valid():
+    cfg = load_config(ExperimentConfig, None, BASE)
+    validate_experiment(cfg, 8, check_files=False)
+
+
+RULES = {
+    "heads_divisible_by_tp": (["--parallel.tensor_model_parallel_size=8"], 8,
+                              "model.num_attention_heads", "smaller TP"),
+    "groups_divisible_by_tp": (["--model.num_query_groups=1"], 8,
+                               "model.num_query_groups", "multiple of 2"),
+    "groups_divide_heads": (["--model.num_query_groups=3", "--parallel.tensor_model_parallel_size=1",
+                             "--parallel.pipeline_model_parallel_size=1"], 1,
+                            "model.num_query_groups", "divisor"),
+    "hidden_divisible_by_heads": (["--model.hidden_size=66"], 8, "model.hidden_size", "multiple"),
+    "ffn_divisible_by_tp": (["--model.ffn_hidden_size=175"], 8, "model.ffn_hidden_size", "round"),
+    "layers_divisible_by_stages": (["--model.num_layers=5"], 8, "model.num_layers", "multiple of 2"),
+    "layers_divisible_by_virtual_chunks": (
+        ["--parallel.virtual_pipeline_model_parallel_size=4"], 8, "model.num_layers", "multiple of 8"),
+    "world_size_divisible_by_model_parallel": ([], 6, "parallel.tensor_model_parallel_size",
+                                               "divides the number of processes"),
+    "degrees_positive": (["--parallel.pipeline_model_parallel_size=0"], 8,
+                         "parallel.pipeline_model_parallel_size", "1 or more"),
+    "virtual_pipeline_needs_stages": (
+        ["--parallel.pipeline_model_parallel_size=1", "--parallel.virtual_pipeline_model_parallel_size=2"],
+        4, "parallel.virtual_pipeline_model_parallel_size", "pipeline_model_parallel_size >= 2"),
+    "sequence_parallel_needs_tp": (
+        ["--parallel.tensor_model_parallel_size=1", "--parallel.sequence_parallel=true"], 8,
+        "parallel.sequence_parallel", "tensor_model_parallel_size >= 2"),
+    "param_gather_needs_distributed_optimizer": (
+        ["--parallel.use_distributed_optimizer=false", "--parallel.overlap_param_gather=true"], 8,
+        "parallel.overlap_param_gather", "use_distributed_optimizer=true"),
+    "global_batch_divisible_by_micro_batch_times_dp": (
+        ["--schedule.global_batch_size=10", "--schedule.curriculum.enabled=false"], 8,
+        "schedule.global_batch_size", "global_batch_size"),
+    "sequence_length_within_model_context": (
+        ["--schedule.seq_length=256", "--schedule.curriculum.enabled=false"], 8,
+        "schedule.seq_length", "raise model.seq_length"),
+    "vocab_positive": (["--model.vocab_size=0"], 8, "model.vocab_size", "tokenizer"),
+    "eod_inside_vocab": (["--data.eod_token_id=5000"], 8, "data.eod_token_id", "end-of-document"),
+    "fp8_needs_bf16": (["--precision.fp8=e4m3"], 8, "precision.fp8", "precision.dtype=bf16"),
+    "tokenizer_needs_path": (["--tokenizer.tokenizer_type=SentencePieceTokenizer"], 8,
+                             "tokenizer.tokenizer_model", "tokenizer.tokenizer_model"),
+    "adam_beta_range": (["--optimizer.adam_beta2=1.0"], 8, "optimizer.adam_beta2", "0.95"),
+    "weight_decay_non_negative": (["--optimizer.weight_decay=-0.1"], 8, "optimizer.weight_decay",
+                                  "0.1"),
+    "clip_non_negative": (["--optimizer.clip_grad=-1"], 8, "optimizer.clip_grad", "disable"),
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_rule_names_field_and_fix(rule):
+    overrides, world_size, field, fix = RULES[rule]
+    error = _errors(overrides, world_size)
+    matching = [p for p in error.problems if p.field == field]
+    assert matching, f"{field} not among {error.fields()}"
+    assert any(fix in p.fix for p in matching), [p.fix for p in matching]
+    assert field in str(error)
+
+
+def test_all_problems_reported_at_once():
+    error = _errors(["--model.hidden_size=66", "--model.num_layers=5", "--optimizer.clip_grad=-1"])
+    assert {"model.hidden_size", "model.num_layers", "optimizer.clip_grad"} <= set(error.fields())
+
+
+def test_unknown_key_is_an_error_naming_it():
+    with pytest.raises(ConfigError) as info:
+        load_config(ExperimentConfig, None, ["--model.hiden_size=64"])
+    assert info.value.fields() == ["model.hiden_size"]
+    assert "hidden_size" in info.value.problems[0].fix
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError) as info:
+        load_config(ExperimentConfig, None, ["--model.num_layers=four"])
+    assert info.value.fields() == ["model.num_layers"]
+
+
+def test_yaml_file_and_overrides_round_trip(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  num_layers: 8\nschedule:\n  lr: 3e-4\n")
+    cfg = load_config(ExperimentConfig, path, ["--model.hidden_size=128"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.schedule.lr) == (8, 128, 3e-4)
+    assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
+
+
+def test_override_needs_equals_sign():
+    with pytest.raises(ConfigError):
+        apply_overrides({}, ["--model.num_layers"])
