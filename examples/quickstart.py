@@ -8,7 +8,8 @@
 3. trains a SentencePiece BPE tokenizer with language-balanced sampling (a small vocabulary: the
    corpus is small; the recipe's 65,536 is the tool's default);
 4. tokenizes the curated text into a Megatron indexed dataset (`.bin/.idx`);
-5. trains a tiny Llama-style model with megatron-core under torchrun (`examples/configs/tiny_cpu.yaml`),
+5. trains a tiny Llama-style model with megatron-core under torchrun
+   (`examples/configs/tiny_cpu.yaml`),
    with the sequence-length curriculum, warmup + cosine LR, checkpoints and monitoring;
 6. prints a summary and draws the dashboard PNG.
 
@@ -35,7 +36,7 @@ def _step(title: str) -> None:
 
 
 def build_data(work: Path, vocab_size: int) -> tuple[Path, Path, int]:
-    """Corpus -> curation -> tokenizer -> indexed dataset; returns (tokenizer dir, prefix, vocab)."""
+    """Corpus -> curation -> tokenizer -> indexed dataset: (tokenizer dir, prefix, vocab)."""
     from megatron_ext.config.loader import load_config
     from megatron_ext.curation.builtin_corpus import write_builtin_corpus
     from megatron_ext.curation.config import CurationConfig
@@ -79,8 +80,13 @@ def build_data(work: Path, vocab_size: int) -> tuple[Path, Path, int]:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     if not Path(f"{prefix}_text_document.idx").exists():
         result = preprocess(
-            shards, str(prefix), "SentencePieceTokenizer", str(tokenizer_dir),
-            append_eod=True, workers=1, progress=False,
+            shards,
+            str(prefix),
+            "SentencePieceTokenizer",
+            str(tokenizer_dir),
+            append_eod=True,
+            workers=1,
+            progress=False,
         )
         print(result)
     return tokenizer_dir, Path(f"{prefix}_text_document"), tokenizer.vocab_size
@@ -95,8 +101,15 @@ def train(work: Path, tokenizer_dir: Path, dataset: Path, vocab: int, nproc: int
     tp, pp = layouts[nproc]
     _step(f"5. training on {nproc} CPU processes (TP{tp} x PP{pp} x DP{nproc // (tp * pp)})")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "megatron_ext.train", "--config", str(REPO / "examples/configs/tiny_cpu.yaml"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_ext.train",
+        "--config",
+        str(REPO / "examples/configs/tiny_cpu.yaml"),
         f"--run_dir={run_dir}",
         f"--data.data_path=[{dataset}]",
         f"--tokenizer.tokenizer_model={tokenizer_dir}",

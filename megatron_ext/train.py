@@ -51,7 +51,8 @@ def dry_run_report(cfg, world_size: int) -> str:
     tp = cfg.parallel.tensor_model_parallel_size
     lines = [
         f"layout: {layout.describe()}",
-        f"model: {total_params(cfg.model, tp) / 1e9:.3f}B parameters, {cfg.model.num_layers} layers,"
+        f"model: {total_params(cfg.model, tp) / 1e9:.3f}B parameters, "
+        f"{cfg.model.num_layers} layers,"
         f" padded vocabulary {cfg.model.padded_vocab_size(tp)}",
     ]
     lengths = curriculum_lengths(sched)
@@ -72,7 +73,8 @@ def dry_run_report(cfg, world_size: int) -> str:
     )
     for est in estimates:
         lines.append(
-            f"stage {est.stage}: {est.num_layers} layers, {est.params_per_gpu / 1e6:.1f}M params/GPU;"
+            f"stage {est.stage}: {est.num_layers} layers, "
+            f"{est.params_per_gpu / 1e6:.1f}M params/GPU;"
             f" memory/GPU ~{est.total_gib:.1f} GiB (weights {est.weights_gib:.1f}, grads "
             f"{est.grads_gib:.1f}, optimizer {est.optimizer_gib:.1f}, activations "
             f"{est.activations_gib:.1f})"

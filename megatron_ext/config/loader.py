@@ -4,7 +4,7 @@ Any ``@dataclass`` tree works: nested dataclasses are sections, leaves are ints,
 strings, ``Optional`` / ``Literal`` / ``list`` / ``tuple`` / ``dict`` of those. Unknown keys and
 values of the wrong type are errors that name the key; all of them are reported together.
 
-    cfg = load_config(ExperimentConfig, "examples/configs/tiny_cpu.yaml", ["--training.train_iters=5"])
+    cfg = load_config(ExperimentConfig, "tiny_cpu.yaml", ["--schedule.train_steps=5"])
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -30,8 +31,16 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: Sequenc
         text = Path(path).read_text(encoding="utf-8")
         loaded = yaml.safe_load(text)
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError([Problem(str(path), type(loaded).__name__, "top level must be a mapping",
-                                       "write the file as `section: {field: value}`")])
+            raise ConfigError(
+                [
+                    Problem(
+                        str(path),
+                        type(loaded).__name__,
+                        "top level must be a mapping",
+                        "write the file as `section: {field: value}`",
+                    )
+                ]
+            )
         data = loaded or {}
     data = apply_overrides(data, overrides)
     problems: list[Problem] = []
@@ -52,6 +61,7 @@ def from_dict(cls: type[T], data: dict) -> T:
 
 def to_dict(cfg: Any) -> dict:
     """A plain nested dict (tuples become lists) that ``from_dict`` accepts back."""
+
     def convert(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
             return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -73,21 +83,37 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """Return a copy of ``data`` with ``--a.b.c=value`` overrides applied (values parsed as YAML)."""
+    """A copy of ``data`` with ``--a.b.c=value`` overrides applied (values parsed as YAML)."""
     result = _deep_copy(data)
     for raw in overrides:
         item = raw[2:] if raw.startswith("--") else raw
         if "=" not in item:
-            raise ConfigError([Problem(raw, None, "override must look like --section.field=value",
-                                       "add `=value` after the dotted key")])
+            raise ConfigError(
+                [
+                    Problem(
+                        raw,
+                        None,
+                        "override must look like --section.field=value",
+                        "add `=value` after the dotted key",
+                    )
+                ]
+            )
         key, value_text = item.split("=", 1)
         parts = key.split(".")
         node = result
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError([Problem(key, child, f"`{part}` is a value, not a section",
-                                           "override a field inside a section")])
+                raise ConfigError(
+                    [
+                        Problem(
+                            key,
+                            child,
+                            f"`{part}` is a value, not a section",
+                            "override a field inside a section",
+                        )
+                    ]
+                )
             node = child
         node[parts[-1]] = yaml.safe_load(value_text) if value_text != "" else ""
     return result
@@ -99,16 +125,28 @@ def _deep_copy(data: dict) -> dict:
 
 def _build(cls: type, data: Any, prefix: str, problems: list[Problem]) -> Any:
     if not isinstance(data, dict):
-        problems.append(Problem(prefix or cls.__name__, data, "expected a section (mapping)",
-                                f"give {cls.__name__} fields as `key: value` pairs"))
+        problems.append(
+            Problem(
+                prefix or cls.__name__,
+                data,
+                "expected a section (mapping)",
+                f"give {cls.__name__} fields as `key: value` pairs",
+            )
+        )
         return cls()
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in names:
             known = ", ".join(sorted(names))
-            problems.append(Problem(f"{prefix}{key}", data[key], f"unknown key in {cls.__name__}",
-                                    f"remove it or use one of: {known}"))
+            problems.append(
+                Problem(
+                    f"{prefix}{key}",
+                    data[key],
+                    f"unknown key in {cls.__name__}",
+                    f"remove it or use one of: {known}",
+                )
+            )
     kwargs = {}
     for name in names:
         if name in data:
@@ -139,8 +177,9 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[Problem]) -> Any:
         return value
     if origin is typing.Literal:
         if value not in args:
-            problems.append(Problem(key, value, f"must be one of {list(args)}",
-                                    f"choose one of {list(args)}"))
+            problems.append(
+                Problem(key, value, f"must be one of {list(args)}", f"choose one of {list(args)}")
+            )
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -40,13 +40,18 @@ class SDPACoreAttention(MegatronModule):
         if config.context_parallel_size != 1:
             raise ValueError(
                 "SDPA core attention does not implement context parallelism; use the Transformer "
-                "Engine backend (model.transformer_impl=transformer_engine) for context_parallel_size > 1"
+                "Engine backend (model.transformer_impl=transformer_engine) for "
+                "context_parallel_size > 1"
             )
         self.attn_mask_type = attn_mask_type
         self.layer_number = layer_number
         head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        )
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
 
     def forward(
         self,
@@ -71,7 +76,7 @@ class SDPACoreAttention(MegatronModule):
         is_causal = mask_type == AttnMaskType.causal and attention_mask is None
         mask = None
         if not is_causal and attention_mask is not None:
-            # megatron-core masks are True where attention is *not* allowed; SDPA wants the opposite.
+            # megatron-core masks are True where attention is *not* allowed; SDPA's the opposite.
             mask = ~attention_mask
         dropout_p = self.dropout_p if self.training else 0.0
         # Attention heads differ across TP ranks, so dropout draws from the model-parallel RNG.

@@ -124,7 +124,9 @@ def build_model(
             rotary_base=model.rotary_base,
             vp_stage=vp,
         )
-        chunk.to(device=torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu")
+        chunk.to(
+            device=torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
+        )
         chunks.append(chunk)
     return chunks
 

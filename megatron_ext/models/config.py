@@ -25,7 +25,7 @@ class ModelConfig:
     seq_length: int = 128
     """Maximum context length (the full length of the sequence-length curriculum)."""
     vocab_size: int = 4096
-    """Tokenizer vocabulary (unpadded); the embedding is padded to make_vocab_size_divisible_by x TP."""
+    """Tokenizer vocabulary (unpadded); the embedding is padded to a multiple of (see below) x TP."""
     make_vocab_size_divisible_by: int = 128
     """Pad the embedding rows to a multiple of this times TP (the padding is stripped on export)."""
     rotary_base: int = 10000
@@ -41,9 +41,9 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     """Dropout on residual branches."""
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
-    """Layer backend: Transformer Engine when importable on a GPU (auto), else megatron-core local."""
+    """Layer backend: Transformer Engine when importable on a GPU (auto), else local layers."""
     attention_backend: Literal["sdpa", "unfused"] = "sdpa"
-    """Core attention of the local backend: fused SDPA kernels, or megatron-core's unfused reference."""
+    """Local backend's core attention: fused SDPA kernels, or megatron-core's unfused reference."""
     recompute_granularity: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: selective (attention core) or full layers."""
     recompute_method: Literal["uniform", "block"] = "uniform"
@@ -98,7 +98,10 @@ class ModelConfig:
             f"use a multiple of {chunks} layers or change the pipeline layout",
         )
         problems.check(
-            self.vocab_size > 0, "model.vocab_size", self.vocab_size, "must be positive",
+            self.vocab_size > 0,
+            "model.vocab_size",
+            self.vocab_size,
+            "must be positive",
             "set it to the tokenizer's vocabulary size",
         )
 

@@ -32,13 +32,16 @@ def transformer_engine_available() -> bool:
 def resolve_backend(transformer_impl: str, device: str) -> str:
     """``auto`` -> ``transformer_engine`` on a GPU with TE installed, else ``local``."""
     if transformer_impl == "auto":
-        return "transformer_engine" if device == "cuda" and transformer_engine_available() else "local"
+        return (
+            "transformer_engine" if device == "cuda" and transformer_engine_available() else "local"
+        )
     if transformer_impl == "transformer_engine":
         if device != "cuda":
             raise ValueError("model.transformer_impl=transformer_engine needs a CUDA device")
         if not transformer_engine_available():
             raise ValueError(
-                "model.transformer_impl=transformer_engine but Transformer Engine is not importable; "
+                "model.transformer_impl=transformer_engine but Transformer Engine is not "
+                "importable; "
                 "install requirements-gpu.txt or use model.transformer_impl=local"
             )
     return transformer_impl

@@ -2,11 +2,11 @@
 
 megatron-core assumes CUDA: it allocates with ``device=torch.cuda.current_device()`` or
 ``device="cuda"``, calls ``.cuda()``, synchronises streams and events, forks the CUDA RNG state for
-tensor-parallel dropout/initialisation and checks ``param.type() == "torch.cuda.FloatTensor"`` in its
-optimizers. None of that is wrong on a GPU, and none of it is needed to *compute* the same thing on
-a CPU. This module maps exactly those calls to CPU so that tensor-parallel layers (with sequence
-parallel), the pipeline schedules, ``DistributedDataParallel``, the distributed optimizer and
-``dist_checkpointing`` run unmodified, which is what makes multi-process CPU tests of the real
+tensor-parallel dropout/initialisation and checks ``param.type() == "torch.cuda.FloatTensor"``
+in its optimizers. None of that is wrong on a GPU, and none of it is needed to *compute* the same
+thing on a CPU. This module maps exactly those calls to CPU so that tensor-parallel layers (with
+sequence parallel), the pipeline schedules, ``DistributedDataParallel``, the distributed optimizer
+and ``dist_checkpointing`` run unmodified, which is what makes multi-process CPU tests of the real
 parallel code possible.
 
 It is opt-in: ``install_cpu_compat()`` is called only when the resolved device is ``cpu``
@@ -18,8 +18,8 @@ runs. What it changes, process-wide and reversibly (``uninstall_cpu_compat``):
 * The "CUDA" RNG that megatron-core's ``CudaRNGStatesTracker`` forks is the CPU default generator,
   because on CPU that is the generator dropout and initialisation actually draw from.
 * A ``TorchFunctionMode`` rewrites any CUDA device argument (``"cuda"``, ``"cuda:0"``, ``0``,
-  ``torch.device("cuda")``) of torch factory functions, ``Tensor.to`` and ``Tensor.cuda`` to CPU, and
-  answers ``Tensor.type()`` with the CUDA type name megatron-core's optimizers expect.
+  ``torch.device("cuda")``) of torch factory functions, ``Tensor.to`` and ``Tensor.cuda`` to CPU,
+  and answers ``Tensor.type()`` with the CUDA type name megatron-core's optimizers expect.
 * The same redirection is re-entered inside custom autograd ``backward`` functions, which do
   not inherit torch-function modes.
 * ``dist_checkpointing``'s file writer gets a results queue that needs no manager process (see
@@ -31,7 +31,8 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -236,9 +237,10 @@ def _patch_autograd_backward(saved: list) -> None:
     """Keep the device redirection active inside custom autograd backward passes.
 
     Python torch-function modes are thread-local state that the autograd engine does not carry into
-    backward, and megatron-core's autograd Functions (tensor-parallel linear layers, sequence-parallel
-    gathers) allocate with ``device=torch.cuda.current_device()`` there. Every Python ``backward``
-    goes through ``BackwardCFunction.apply``, so the mode is re-entered around it.
+    backward, and megatron-core's autograd Functions (tensor-parallel linear layers,
+    sequence-parallel gathers) allocate with ``device=torch.cuda.current_device()`` there.
+    Every Python ``backward`` goes through ``BackwardCFunction.apply``, so the mode is
+    re-entered around it.
     """
     from torch.autograd.function import BackwardCFunction
 

@@ -32,7 +32,7 @@ class ParallelContext:
 
     @property
     def is_logging_rank(self) -> bool:
-        """The one rank that writes logs: last pipeline stage (it has the loss), TP and DP rank 0."""
+        """The rank that writes logs: last pipeline stage (it has the loss), TP and DP rank 0."""
         return self.tp_rank == 0 and self.dp_rank == 0 and self.pp_rank == self.layout.pp - 1
 
     @property

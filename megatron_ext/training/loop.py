@@ -127,8 +127,9 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
 
 
 def _schedule_change_allowed(cfg: ExperimentConfig) -> bool:
-    return any(item == "schedule" or item.startswith("schedule.") for item in
-               cfg.checkpoint.allow_changes)
+    return any(
+        item == "schedule" or item.startswith("schedule.") for item in cfg.checkpoint.allow_changes
+    )
 
 
 def _check_tokenizer(cfg: ExperimentConfig) -> None:

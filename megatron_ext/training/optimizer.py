@@ -32,12 +32,27 @@ class OptimizerConfig:
     def validate(self, problems: ProblemCollector) -> None:
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
-            problems.check(0.0 <= value < 1.0, f"optimizer.{name}", value, "must be in [0, 1)",
-                           "use e.g. 0.9 / 0.95")
-        problems.check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay,
-                       "must be >= 0", "use 0.1 as in the recipe")
-        problems.check(self.clip_grad >= 0, "optimizer.clip_grad", self.clip_grad,
-                       "must be >= 0", "use 1.0, or 0 to disable clipping")
+            problems.check(
+                0.0 <= value < 1.0,
+                f"optimizer.{name}",
+                value,
+                "must be in [0, 1)",
+                "use e.g. 0.9 / 0.95",
+            )
+        problems.check(
+            self.weight_decay >= 0,
+            "optimizer.weight_decay",
+            self.weight_decay,
+            "must be >= 0",
+            "use 0.1 as in the recipe",
+        )
+        problems.check(
+            self.clip_grad >= 0,
+            "optimizer.clip_grad",
+            self.clip_grad,
+            "must be >= 0",
+            "use 1.0, or 0 to disable clipping",
+        )
 
 
 def wrap_ddp(
@@ -74,7 +89,7 @@ def build_optimizer(
     peak_lr: float,
     min_lr: float,
 ):
-    """megatron-core's (distributed) AdamW with fp32 main weights and optional dynamic loss scale."""
+    """megatron-core's (distributed) AdamW: fp32 main weights, optional dynamic loss scale."""
     config = McoreOptimizerConfig(
         optimizer="adam",
         lr=peak_lr,

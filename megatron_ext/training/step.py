@@ -7,9 +7,10 @@ the curriculum is passed per call, so the pipeline's send/receive shapes follow 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -35,7 +36,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator: Iterable[dict[str, torch.Tensor]], model: torch.nn.Module):
-    """megatron-core forward_step: returns ``(output, loss_fn)``; output is per-token loss ``[b, s]``."""
+    """megatron-core forward_step: ``(output, loss_fn)``; output is per-token loss ``[b, s]``."""
     batch = next(data_iterator)
     output = model(
         input_ids=batch["tokens"],
@@ -47,9 +48,7 @@ def forward_step(data_iterator: Iterable[dict[str, torch.Tensor]], model: torch.
 
 
 def _to_device(micro_batches: list[dict[str, torch.Tensor]], device: torch.device):
-    return [
-        {k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches
-    ]
+    return [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
 
 
 def run_forward_backward(
@@ -108,9 +107,7 @@ def train_step(
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=True, num_zeros=None)
     _clip_to_total_norm(optimizer, grad_norm)
     update_successful = optimizer.step_with_ready_grads()
-    return StepResult(
-        loss=loss, grad_norm=grad_norm, skipped=not update_successful, num_zeros=None
-    )
+    return StepResult(loss=loss, grad_norm=grad_norm, skipped=not update_successful, num_zeros=None)
 
 
 def _clip_to_total_norm(optimizer, grad_norm: float) -> None:
@@ -133,7 +130,7 @@ def mean_loss(
     pp_group: torch.distributed.ProcessGroup,
     is_last_stage: bool,
 ) -> float:
-    """Average the micro-batch losses over the data-parallel group; broadcast from the last stage."""
+    """Mean micro-batch loss over the data-parallel group, broadcast from the last stage."""
     from megatron.core import parallel_state
 
     value = torch.zeros(1, dtype=torch.float64, device=device)

@@ -24,12 +24,21 @@ def _configs(tp: int, pp: int, vpp: int | None, sp: bool, dtype: str):
     from megatron_ext.parallel.config import ParallelConfig
 
     model = ModelConfig(
-        num_layers=4, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
-        num_query_groups=2, seq_length=SEQ, vocab_size=VOCAB, make_vocab_size_divisible_by=64,
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=160,
+        num_attention_heads=4,
+        num_query_groups=2,
+        seq_length=SEQ,
+        vocab_size=VOCAB,
+        make_vocab_size_divisible_by=64,
     )
     parallel = ParallelConfig(
-        device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
+        device="cpu",
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sp,
     )
     return model, parallel, PrecisionConfig(dtype=dtype)
 
@@ -90,7 +99,12 @@ def _train(rank, tp, pp, vpp, sp, dtype, micro_batch, ckpt_dir, save_initial):
                 for i in range(0, count, micro_batch)
             ]
             result = train_step(
-                ddp, optimizer, micro_batches, SEQ, ctx.torch_device, ctx.pp_group(),
+                ddp,
+                optimizer,
+                micro_batches,
+                SEQ,
+                ctx.torch_device,
+                ctx.pp_group(),
                 parallel_state.is_pipeline_last_stage(),
             )
             history.append((result.loss, result.grad_norm))
@@ -136,7 +150,7 @@ def test_fp32_layout_matches_single_process(name, reference):
 
 
 def test_bf16_tp2_sequence_parallel_within_bf16_tolerance(reference):
-    """bf16 rounds differently when TP splits matmuls: 2% relative (documented in docs/parallel.md)."""
+    """bf16 rounds differently when TP splits matmuls: 2% relative (see docs/parallel.md)."""
     history = run_on_local_processes(
         _train, 2, 2, 1, None, True, "bf16", 2, reference["ckpt"], False
     )

@@ -31,8 +31,13 @@ def _reference(q, k, v, causal: bool):
 def test_sdpa_matches_reference_causal_gqa(heads, groups):
     d, s, b = 16, 24, 3
     config = TransformerConfig(
-        num_layers=1, hidden_size=heads * d, num_attention_heads=heads, num_query_groups=groups,
-        kv_channels=d, use_cpu_initialization=True, attention_dropout=0.0,
+        num_layers=1,
+        hidden_size=heads * d,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=d,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
     )
     attention = SDPACoreAttention(config, 1, AttnMaskType.causal, "self")
     generator = torch.Generator().manual_seed(heads * 10 + groups)
@@ -56,8 +61,13 @@ def test_explicit_mask_uses_megatron_convention():
     """megatron-core masks are True where attention is forbidden."""
     heads, groups, d, s, b = 4, 2, 8, 10, 2
     config = TransformerConfig(
-        num_layers=1, hidden_size=heads * d, num_attention_heads=heads, num_query_groups=groups,
-        kv_channels=d, use_cpu_initialization=True, attention_dropout=0.0,
+        num_layers=1,
+        hidden_size=heads * d,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=d,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
     )
     attention = SDPACoreAttention(config, 1, AttnMaskType.padding, "self")
     generator = torch.Generator().manual_seed(7)
