@@ -58,7 +58,12 @@ class _Trainer:
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
-        from megatron_ext.training.optimizer import OptimizerConfig, build_optimizer, wrap_ddp
+        from megatron_ext.training.optimizer import (
+            OptimizerConfig,
+            attach_schedule_hooks,
+            build_optimizer,
+            wrap_ddp,
+        )
 
         self.parallel = ParallelConfig(device=args.device)
         self.ctx = initialize_parallel(self.parallel, seed=1)
@@ -78,6 +83,7 @@ class _Trainer:
         self.optimizer = build_optimizer(
             self.ddp, OptimizerConfig(), self.parallel, precision, 1e-4, 1e-5
         )
+        attach_schedule_hooks(self.ddp, self.optimizer, self.parallel)
         self.is_last = parallel_state.is_pipeline_last_stage()
         self.args = args
         self.gen = torch.Generator().manual_seed(0)

@@ -82,6 +82,12 @@ def dry_run_report(cfg, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def _report(exc: Exception) -> None:
+    """Every rank sees the same config problem; rank 0 says it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {exc}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = _parse(argv)
     from megatron_ext.training.experiment import ExperimentConfig
@@ -93,15 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(dry_run_report(cfg, world_size))
             return 0
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # megatron-core logs its bucket and optimizer set-up at INFO on every rank.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     from megatron_ext.training.loop import train
 
     try:
         summary = train(cfg)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"summary": summary.__dict__}))

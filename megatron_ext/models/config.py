@@ -25,7 +25,7 @@ class ModelConfig:
     seq_length: int = 128
     """Maximum context length (the full length of the sequence-length curriculum)."""
     vocab_size: int = 4096
-    """Tokenizer vocabulary (unpadded); the embedding is padded to a multiple of (see below) x TP."""
+    """Tokenizer vocabulary (unpadded); the embedding is padded to a multiple of (below) x TP."""
     make_vocab_size_divisible_by: int = 128
     """Pad the embedding rows to a multiple of this times TP (the padding is stripped on export)."""
     rotary_base: int = 10000

@@ -28,7 +28,7 @@ from megatron_ext.data.batches import get_eval_batches
 from megatron_ext.data.prefetch import BatchPrefetcher, make_step_loader
 from megatron_ext.data.token_stream import build_token_streams
 from megatron_ext.models.builder import build_model
-from megatron_ext.monitoring.monitor import TrainingMonitor
+from megatron_ext.monitoring.monitor import TrainingMonitor, format_record
 from megatron_ext.parallel.init import ParallelContext, destroy_parallel, initialize_parallel
 from megatron_ext.training.experiment import ExperimentConfig, validate_experiment
 from megatron_ext.training.optimizer import attach_schedule_hooks, build_optimizer, wrap_ddp
@@ -172,7 +172,9 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
         prefetch_batches=cfg.data.prefetch_batches,
         pin_memory=cfg.data.pin_memory,
     )
-    monitor = TrainingMonitor(cfg.monitoring, Path(cfg.run_dir), ctx, run.model, cfg.model)
+    monitor = TrainingMonitor(
+        cfg.monitoring, Path(cfg.run_dir), ctx, run.model, cfg.model, run_config=to_dict(cfg)
+    )
     preemption = PreemptionHandler()
     progress = run.progress
     start_step = progress.step
@@ -183,6 +185,7 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
             batch = prefetcher.next()
             assert batch.request == plan.request, (batch.request, plan.request)
             monitor.start_step(plan.step + 1)
+            loss_scale = float(run.optimizer.get_loss_scale().item())
             began = time.perf_counter()
             result = train_step(
                 run.model,
@@ -192,7 +195,7 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
                 ctx.torch_device,
                 pp_group,
                 is_last_stage,
-                allow_update=monitor.allow_update,
+                allow_update=monitor.update_gate(plan.step + 1, loss_scale),
             )
             step_time = time.perf_counter() - began
             # The LR schedule follows the step count, skipped updates included, so that it stays
@@ -206,7 +209,7 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
             evaluated = _eval_due(cfg, step) or is_done(cfg.schedule, progress)
             if evaluated:
                 val_loss = _evaluate(cfg, run, is_last_stage, pp_group)
-            monitor.end_step(
+            record = monitor.end_step(
                 step,
                 {
                     "consumed_tokens": progress.consumed_tokens,
@@ -217,13 +220,17 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
                     "loss": result.loss,
                     "grad_norm": result.grad_norm,
                     "lr": lr,
-                    "loss_scale": float(run.optimizer.get_loss_scale().item()),
+                    "loss_scale": loss_scale,
                     "skipped": result.skipped,
                     "tokens": plan.num_tokens,
                     "val_loss": val_loss if evaluated else None,
                 },
                 {"step_s": step_time, "data_wait_ms": batch.wait_ms},
             )
+            if ctx.is_logging_rank and (
+                step % cfg.monitoring.log_interval == 0 or is_done(cfg.schedule, progress)
+            ):
+                logger.info(format_record(record))
             stop = _stop_reason(cfg, monitor, preemption, ctx, step, start_step)
             is_last = is_done(cfg.schedule, progress) or stop is not None
             if _checkpoint_due(cfg, step) or (is_last and cfg.checkpoint.save_on_exit):
@@ -259,7 +266,7 @@ def _checkpoint_due(cfg: ExperimentConfig, step: int) -> bool:
 def _stop_reason(cfg, monitor, preemption, ctx, step: int, start_step: int) -> str | None:
     if preemption.should_stop(ctx):
         return "preempted"
-    if monitor.should_stop():
+    if monitor.stop_requested:
         return "stability"
     exit_after = cfg.training.exit_after_steps
     if exit_after is not None and step - start_step >= exit_after:

@@ -36,7 +36,7 @@ class _Run:
         import torch
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_ext.models.builder import build_model, build_transformer_config
+        from megatron_ext.models.builder import build_model
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
@@ -47,8 +47,7 @@ class _Run:
         self.ctx = initialize_parallel(parallel, seed=seed)
         model_cfg, precision = ModelConfig(**model_fields), PrecisionConfig()
         chunks = build_model(model_cfg, parallel, precision, self.ctx.device)
-        tc = build_transformer_config(model_cfg, parallel, precision, self.ctx.device)
-        self.model = wrap_ddp(chunks, tc, parallel, precision)
+        self.model = wrap_ddp(chunks, parallel, precision)
         self.optimizer = build_optimizer(
             self.model, OptimizerConfig(), parallel, precision, 1e-3, 1e-4
         )

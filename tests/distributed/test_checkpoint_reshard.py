@@ -56,7 +56,7 @@ class _Trainer:
         from megatron.core import parallel_state
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_ext.models.builder import build_model, build_transformer_config
+        from megatron_ext.models.builder import build_model
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
@@ -68,8 +68,7 @@ class _Trainer:
         self.ctx = initialize_parallel(self.parallel, seed=seed)
         model_cfg, precision = ModelConfig(), PrecisionConfig()
         chunks = build_model(model_cfg, self.parallel, precision, self.ctx.device)
-        tc = build_transformer_config(model_cfg, self.parallel, precision, self.ctx.device)
-        self.model = wrap_ddp(chunks, tc, self.parallel, precision)
+        self.model = wrap_ddp(chunks, self.parallel, precision)
         self.optimizer = build_optimizer(
             self.model, OptimizerConfig(), self.parallel, precision, 1e-3, 1e-4
         )

@@ -131,7 +131,12 @@ def _monitored_step(ctx, root: Path, sequence_parallel: bool, distributed_optimi
     from megatron_ext.monitoring import MonitoringConfig, TrainingMonitor
     from megatron_ext.monitoring.norms import param_norm
     from megatron_ext.parallel.config import ParallelConfig
-    from megatron_ext.training.optimizer import OptimizerConfig, build_optimizer, wrap_ddp
+    from megatron_ext.training.optimizer import (
+        OptimizerConfig,
+        attach_schedule_hooks,
+        build_optimizer,
+        wrap_ddp,
+    )
     from megatron_ext.training.step import train_step
 
     parallel = ParallelConfig(
@@ -147,6 +152,7 @@ def _monitored_step(ctx, root: Path, sequence_parallel: bool, distributed_optimi
     chunks[0].load_state_dict(state)
     ddp = wrap_ddp(chunks, parallel, precision)
     optimizer = build_optimizer(ddp, OptimizerConfig(), parallel, precision, 1e-3, 1e-4)
+    attach_schedule_hooks(ddp, optimizer, parallel)  # the DP/TP gradient reduction of the schedule
     run_dir = root / f"run_sp{int(sequence_parallel)}"
     cfg = MonitoringConfig(activation_stats_interval=1, tensorboard=False)
     monitor = TrainingMonitor(cfg, run_dir, ctx, ddp, model_cfg)

@@ -49,7 +49,14 @@ def _command(run_dir: Path, data: str) -> list[str]:
         f"--checkpoint.interval={INTERVAL}",
         f"--schedule.train_steps={TRAIN_STEPS}",
         f"--data.data_path=[{data}]",
+        # One process: the layout does not matter for exact resume, and it is the fastest.
         "--parallel.device=cpu",
+        "--parallel.tensor_model_parallel_size=1",
+        "--parallel.pipeline_model_parallel_size=1",
+        "--parallel.sequence_parallel=false",
+        "--tokenizer.tokenizer_type=none",
+        "--monitoring.wandb=false",
+        "--monitoring.tensorboard=false",
     ]
 
 
