@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--num-microbatches", type=int, default=2)
+    parser.add_argument(
+        "--compile-layers",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="model.compile_layers (auto: torch.compile per layer on CUDA)",
+    )
     parser.add_argument("--steps", type=int, default=200, help="steps per set-up")
     parser.add_argument("--warmup", type=int, default=5)
     return parser
@@ -76,6 +82,7 @@ class _Trainer:
             num_query_groups=heads // 2 if heads % 2 == 0 else heads,
             seq_length=args.seq_length,
             vocab_size=8192,
+            compile_layers=args.compile_layers,
         )
         precision = PrecisionConfig(dtype=args.dtype)
         chunks = build_model(self.model_cfg, self.parallel, precision, self.ctx.device)
@@ -108,7 +115,7 @@ class _Trainer:
         if self.ctx.device == "cuda":
             torch.cuda.synchronize()
 
-    def step(self, monitor, step: int) -> float:
+    def step(self, monitor, step: int) -> tuple[float, dict]:
         from megatron_ext.training.step import train_step
 
         batches = self.batches()
@@ -128,6 +135,7 @@ class _Trainer:
             self.is_last,
             allow_update=gate,
         )
+        record: dict = {}
         if monitor is not None:
             self.sync()
             elapsed = time.perf_counter() - start
@@ -137,9 +145,9 @@ class _Trainer:
                 "seq_length": self.args.seq_length,
                 "global_batch_size": len(batches) * self.args.micro_batch_size,
             }
-            monitor.end_step(step, scalars, {"step_time": elapsed})
+            record = monitor.end_step(step, scalars, {"step_time": elapsed})
         self.sync()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,12 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         for step in range(1, args.warmup + 1):
             trainer.step(None, step)
         times: dict[str, list[float]] = {name: [] for name in SETUPS}
+        last: dict = {}
         names = list(SETUPS)
         for index in range(args.steps):
             # Round-robin step by step (rotating the order), so load drift hits all alike.
             shift = index % len(names)
             for name in names[shift:] + names[:shift]:
-                times[name].append(trainer.step(monitors[name], len(times[name]) + 1))
+                elapsed, record = trainer.step(monitors[name], len(times[name]) + 1)
+                times[name].append(elapsed)
+                if name == "stats_off":
+                    last = record
         for monitor in monitors.values():
             if monitor is not None:
                 monitor.close()
@@ -177,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device={trainer.ctx.device} dtype={args.dtype} hidden={args.hidden_size} "
         f"layers={args.num_layers} seq={args.seq_length} micro_batch={args.micro_batch_size} "
-        f"x {args.num_microbatches}; {args.steps} steps per set-up, interleaved"
+        f"x {args.num_microbatches} compile_layers={args.compile_layers}; {args.steps} steps per "
+        "set-up, interleaved"
     )
     print(f"{'set-up':<10} {'ms/step':>10} {'vs none':>9} {'vs stats_off':>13}")
     for name in SETUPS:
@@ -185,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<10} {1000 * mean[name]:>10.2f} {mean[name] / mean['none']:>9.4f} "
             f"{mean[name] / mean['stats_off']:>13.4f}"
         )
+    throughput = [
+        f"{key}={last[key]:.4g}" for key in ("tokens_per_s", "tflops_per_gpu", "mfu") if key in last
+    ]
+    print("last stats_off step: " + " ".join(throughput))
     # Paired per-step differences are robust to load drift; the median ignores outliers.
     extra = statistics.median(a - b for a, b in zip(times["every_1"], times["stats_off"]))
     base = statistics.median(times["stats_off"])

@@ -71,7 +71,9 @@ def convert_to_hf(
     shard_bytes = parse_size(max_shard_size)
     output = Path(output_dir)
     if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ValueError(f"{output} exists and is not empty (pass --overwrite / overwrite=True to replace it)")
+        raise ValueError(
+            f"{output} exists and is not empty (pass --overwrite / overwrite=True to replace it)"
+        )
     ckpt_dir = resolve_checkpoint_dir(checkpoint, iteration)
     config, config_path = read_config(ckpt_dir)
     model = run_model(config, config_path)

@@ -13,6 +13,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.models.config import ModelConfig, PrecisionConfig
+from megatron_ext.models.fast_path import apply_fast_path, resolve_fast_path
+from megatron_ext.models.fused_loss import ChunkedLossGPTModel
 from megatron_ext.models.specs import get_block_spec, get_layer_spec, resolve_backend
 from megatron_ext.parallel.config import ParallelConfig
 
@@ -107,12 +109,14 @@ def build_model(
     config = build_transformer_config(model, parallel, precision, device)
     backend = resolve_backend(model.transformer_impl, device)
     spec = get_layer_spec(backend, model.attention_backend)
+    fast_path = resolve_fast_path(model, backend, device)
+    model_class = ChunkedLossGPTModel if fast_path.fused_cross_entropy else GPTModel
     num_chunks = parallel.virtual_pipeline_model_parallel_size or 1
     vocab = model.padded_vocab_size(parallel.tensor_model_parallel_size)
     chunks = []
     for vp_stage in range(num_chunks):
         vp = vp_stage if parallel.virtual_pipeline_model_parallel_size else None
-        chunk = GPTModel(
+        chunk = model_class(
             config=config,
             transformer_layer_spec=get_block_spec(spec, backend, config, vp),
             vocab_size=vocab,
@@ -128,6 +132,7 @@ def build_model(
             device=torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
         )
         chunks.append(chunk)
+    apply_fast_path(chunks, fast_path)
     return chunks
 
 

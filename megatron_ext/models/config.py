@@ -50,6 +50,10 @@ class ModelConfig:
     """How full recomputation groups layers."""
     recompute_num_layers: int = 1
     """Layers per recomputation group (full recomputation)."""
+    compile_layers: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each layer (fuses RMSNorm, RoPE, SwiGLU); auto: on for local layers on CUDA."""
+    fused_cross_entropy: Literal["auto", "on", "off"] = "auto"
+    """Chunked cross-entropy, no fp32 copy of the logits; auto: on for local layers on CUDA."""
 
     def validate(self, problems: ProblemCollector, tp: int, pp: int, vpp: int | None) -> None:
         # Invalid degrees are reported by ParallelConfig; check divisibility against 1 instead.

@@ -16,7 +16,10 @@ numbers:
 doubling from overflow (bf16 max 3.39e38, FP8 e4m3 448, e5m2 57344); infinities count as near.
 ``std`` is the population standard deviation over all values (ddof=0), ``rms = sqrt(mean(x^2))``.
 Hook calls made while autograd recomputes a checkpointed forward in the backward pass are ignored,
-so activation recomputation does not count a micro-batch twice.
+so activation recomputation does not count a micro-batch twice. Layers whose ``forward`` was
+replaced by a ``torch.compile`` wrapper (an instance attribute, see models.fast_path) run their
+eager forward while the hooks are attached: hooks inside a compiled region would force graph
+breaks or recompilation, so a statistics step costs one eager step instead.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class ActivationStats:
         self.counts_activations = counts_activations
         self.device = device
         self.handles: list[Any] = []
+        self.compiled_forwards: dict[int, Any] = {}
         self.sums = torch.zeros(
             num_layers, len(SITES), _NUM_SUMS, dtype=torch.float64, device=device
         )
@@ -106,14 +110,19 @@ class ActivationStats:
 
     @property
     def attached(self) -> bool:
-        return bool(self.handles)
+        return bool(self.handles) or bool(self.compiled_forwards)
 
     def attach(self) -> None:
         """Zero the accumulators and register the hooks (idempotent)."""
-        if self.handles:
+        if self.attached:
             return
         self.sums.zero_()
         self.maxes.zero_()
+        for index, layer in self.layers:
+            # Compiled layers keep their wrapper in the instance dict; the class's forward is eager.
+            # Every rank switches, so all ranks run the same code on this step.
+            if "forward" in vars(layer):
+                self.compiled_forwards[index] = vars(layer).pop("forward")
         if not self.counts_activations:
             return
         for index, layer in self.layers:
@@ -125,6 +134,9 @@ class ActivationStats:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        for index, layer in self.layers:
+            if index in self.compiled_forwards:
+                layer.forward = self.compiled_forwards.pop(index)
 
     def _hook(self, index: int, site: int):
         def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:

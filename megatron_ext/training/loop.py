@@ -222,10 +222,15 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
                     "lr": lr,
                     "loss_scale": loss_scale,
                     "skipped": result.skipped,
-                    "tokens": plan.num_tokens,
+                    "num_tokens": plan.num_tokens,
                     "val_loss": val_loss if evaluated else None,
                 },
-                {"step_s": step_time, "data_wait_ms": batch.wait_ms},
+                {
+                    "step_time": step_time,
+                    "data_wait": batch.wait_ms / 1000.0,
+                    "forward_backward": result.forward_backward_s,
+                    "optimizer": result.optimizer_s,
+                },
             )
             if ctx.is_logging_rank and (
                 step % cfg.monitoring.log_interval == 0 or is_done(cfg.schedule, progress)

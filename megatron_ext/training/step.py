@@ -8,6 +8,7 @@ the curriculum is passed per call, so the pipeline's send/receive shapes follow 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,6 +25,10 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     num_zeros: int | None
+    forward_backward_s: float = 0.0
+    """Forward/backward of all micro-batches, pipeline communication and gradient reduction."""
+    optimizer_s: float = 0.0
+    """Gradient norm, stability check, clipping and the optimizer update."""
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

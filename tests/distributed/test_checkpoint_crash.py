@@ -40,7 +40,12 @@ class _Run:
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
-        from megatron_ext.training.optimizer import OptimizerConfig, build_optimizer, wrap_ddp
+        from megatron_ext.training.optimizer import (
+            OptimizerConfig,
+            attach_schedule_hooks,
+            build_optimizer,
+            wrap_ddp,
+        )
 
         torch.manual_seed(seed)
         parallel = ParallelConfig(device="cpu")
@@ -51,6 +56,7 @@ class _Run:
         self.optimizer = build_optimizer(
             self.model, OptimizerConfig(), parallel, precision, 1e-3, 1e-4
         )
+        attach_schedule_hooks(self.model, self.optimizer, parallel)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0,

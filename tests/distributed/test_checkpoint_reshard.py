@@ -60,7 +60,12 @@ class _Trainer:
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
-        from megatron_ext.training.optimizer import OptimizerConfig, build_optimizer, wrap_ddp
+        from megatron_ext.training.optimizer import (
+            OptimizerConfig,
+            attach_schedule_hooks,
+            build_optimizer,
+            wrap_ddp,
+        )
 
         self.parallel = ParallelConfig(
             device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
@@ -72,6 +77,7 @@ class _Trainer:
         self.optimizer = build_optimizer(
             self.model, OptimizerConfig(), self.parallel, precision, 1e-3, 1e-4
         )
+        attach_schedule_hooks(self.model, self.optimizer, self.parallel)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0,

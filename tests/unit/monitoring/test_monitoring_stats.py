@@ -119,3 +119,23 @@ def test_no_hooks_after_detach():
     silent = ActivationStats([(0, layer)], 1, False, torch.device("cpu"))
     silent.attach()  # TP rank > 0 without sequence parallelism: nothing to add
     assert not layer._forward_hooks
+
+
+def test_compiled_forward_is_swapped_for_eager_while_attached():
+    layer = _Layer(1)
+    calls = []
+
+    def wrapped(x):  # stands in for the torch.compile wrapper models.fast_path installs
+        calls.append(1)
+        return type(layer).forward(layer, x)
+
+    layer.forward = wrapped
+    stats = ActivationStats([(0, layer)], 1, True, torch.device("cpu"))
+    stats.attach()
+    assert "forward" not in vars(layer)
+    layer(torch.ones(2, 1, 4))
+    assert calls == [] and float(stats.sums[0, 2, 0]) == 8.0  # residual: 2 x 1 x 4 values
+    stats.detach()
+    assert layer.forward is wrapped
+    layer(torch.ones(2, 1, 4))
+    assert calls == [1]

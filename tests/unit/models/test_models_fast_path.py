@@ -1,0 +1,108 @@
+"""The chunked cross-entropy equals torch's cross-entropy; the fast path switches on where it should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.fast_path import FastPathPlan, resolve_fast_path
+from megatron_ext.models.fused_loss import chunked_cross_entropy
+
+
+def _inputs(rows: int, vocab: int, dtype: torch.dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (3.0 * torch.randn(rows, vocab, generator=generator)).to(dtype)
+    target = torch.randint(0, vocab, (rows,), generator=generator)
+    # Per-token weights as megatron's loss applies them (mask / token count), zeros included.
+    weights = torch.rand(rows, generator=generator) * (torch.arange(rows) % 5 != 0)
+    return logits, target, weights
+
+
+def _loss_and_grad(fn, logits, target, weights):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x, target)
+    (loss * weights).sum().backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("rows,chunk_rows", [(37, 8), (64, 64), (5, 1), (16, 1000)])
+def test_fp32_matches_torch_cross_entropy(rows, chunk_rows):
+    logits, target, weights = _inputs(rows, 96, torch.float32, seed=rows)
+    ours = _loss_and_grad(
+        lambda x, t: chunked_cross_entropy(x, t, chunk_rows=chunk_rows), logits, target, weights
+    )
+    ref = _loss_and_grad(
+        lambda x, t: F.cross_entropy(x, t, reduction="none"), logits, target, weights
+    )
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_logits_give_fp32_loss_and_bf16_grad_close_to_fp32_reference():
+    logits, target, weights = _inputs(40, 256, torch.bfloat16, seed=3)
+    loss, grad = _loss_and_grad(
+        lambda x, t: chunked_cross_entropy(x, t, chunk_rows=16), logits, target, weights
+    )
+    ref_loss, ref_grad = _loss_and_grad(
+        lambda x, t: F.cross_entropy(x.float(), t, reduction="none"), logits, target, weights
+    )
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    # The loss is computed in fp32 from the same bf16 values: equal to fp32 rounding.
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    # The gradient is rounded to bf16 once more before scaling: within bf16 resolution.
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2e-2, atol=1e-4)
+
+
+def test_keeps_leading_shape_and_sequence_first_layout():
+    logits, target, _ = _inputs(24, 64, torch.float32, seed=5)
+    logits_sbv, target_sb = logits.view(6, 4, 64), target.view(6, 4)
+    loss = chunked_cross_entropy(logits_sbv, target_sb, chunk_rows=7)
+    assert loss.shape == (6, 4)
+    expected = F.cross_entropy(logits, target, reduction="none").view(6, 4)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_large_logits_do_not_overflow():
+    logits = torch.tensor([[1000.0, 0.0, -1000.0], [-50.0, 80.0, 80.0]])
+    target = torch.tensor([0, 2])
+    loss = chunked_cross_entropy(logits, target)
+    expected = F.cross_entropy(logits, target, reduction="none")
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="disagree"):
+        chunked_cross_entropy(torch.zeros(4, 8), torch.zeros(5, dtype=torch.long))
+
+
+def test_second_backward_is_refused_not_wrong():
+    logits, target, _ = _inputs(8, 16, torch.float32, seed=9)
+    x = logits.clone().requires_grad_(True)
+    loss = chunked_cross_entropy(x, target).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "backend,device,compile_layers,fused,expected",
+    [
+        ("local", "cuda", "auto", "auto", FastPathPlan(True, True)),
+        ("local", "cpu", "auto", "auto", FastPathPlan(False, False)),
+        ("transformer_engine", "cuda", "auto", "auto", FastPathPlan(False, False)),
+        ("local", "cpu", "on", "on", FastPathPlan(True, True)),
+        ("local", "cuda", "off", "auto", FastPathPlan(False, True)),
+        ("local", "cuda", "auto", "off", FastPathPlan(True, False)),
+    ],
+)
+def test_resolve_fast_path(backend, device, compile_layers, fused, expected):
+    model = ModelConfig(compile_layers=compile_layers, fused_cross_entropy=fused)
+    assert resolve_fast_path(model, backend, device) == expected
+
+
+def test_unknown_setting_is_a_clear_error():
+    with pytest.raises(ValueError, match="compile_layers"):
+        resolve_fast_path(ModelConfig(compile_layers="yes"), "local", "cuda")
