@@ -59,8 +59,9 @@ class TrainingMonitor:
         model_cfg: ModelConfig,
         run_config: dict | None = None,
     ):
-        """``ctx``: the ``ParallelContext``; ``model_chunks``: this rank's chunks (DDP-wrapped
-        or not); ``run_config``: the resolved experiment config, stored with the wandb run."""
+        """``ctx``: the ``ParallelContext``; ``model_chunks``: this rank's chunks as wrapped by
+        megatron DDP (the gradient norms read DDP's reduced buffers; unwrapped chunks only work
+        without data parallelism); ``run_config``: the resolved experiment config for wandb."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ctx = ctx
@@ -147,6 +148,8 @@ class TrainingMonitor:
         keep this rank's per-layer squared gradient sums. ``loss_scale``: the fp16 scale still
         in them."""
         if self.stats_due(step):
+            # The forward passes are over: an evaluation before end_step must not be counted.
+            self.activations.detach()
             self._grad_sq = grad_sq_sums(self.parts, self.model_cfg.num_layers, self.device)
             if loss_scale != 1.0:
                 self._grad_sq /= float(loss_scale) ** 2

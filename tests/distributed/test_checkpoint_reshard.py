@@ -271,9 +271,12 @@ def test_checkpoint_tp2pp2dp2_to_tp1pp1dp4(resharded_runs, tmp_path):
     original = _full_tensors(root / "A3" / "iter_0000003", tmp_path)
     resumed = _full_tensors(root / "B" / "iter_0000003", tmp_path)
     assert original.keys() == resumed.keys()
-    worst = max((original[k] - resumed[k]).abs().max().item() for k in original)
-    (root / "worst.txt").write_text(str(worst))
-    assert worst < 1e-6, worst
+    # Reduction order differs between layouts: ~1e-8 in general, ~1e-5 in embedding rows of
+    # rare tokens (tiny gradients, which Adam normalises). A wrong moment or Adam step moves
+    # every weight by about the learning rate (1e-3).
+    for key in original:
+        worst = (original[key] - resumed[key]).abs().max().item()
+        assert worst < (1e-4 if "word_embeddings" in key else 1e-6), (key, worst)
 
 
 @pytest.mark.timeout(600)

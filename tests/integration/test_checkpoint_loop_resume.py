@@ -48,6 +48,7 @@ def _command(run_dir: Path, data: str) -> list[str]:
         f"--run_dir={run_dir}",
         f"--checkpoint.interval={INTERVAL}",
         f"--schedule.train_steps={TRAIN_STEPS}",
+        "--schedule.lr_warmup_steps=5",
         f"--data.data_path=[{data}]",
         # One process: the layout does not matter for exact resume, and it is the fastest.
         "--parallel.device=cpu",

@@ -183,22 +183,33 @@ def test_ranks_slower_than_the_shutdown_timeout_are_killed(tmp_path):
     assert re.search(r"Unable to shutdown process \d+ via 10, forcefully exiting via 9", log)
 
 
-TRAIN_ENTRY = REPO / "megatron_ext" / "train.py"
 TINY_CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 
 
-@pytest.mark.skipif(
-    not TRAIN_ENTRY.exists() or not TINY_CONFIG.exists(),
-    reason="the training entry point megatron_ext/train.py or its tiny CPU config "
-    "examples/configs/tiny_cpu.yaml does not exist yet",
-)
-def test_two_nodes_train_tiny_config_and_agree_on_the_loss(tmp_path):
+def test_two_nodes_train_tiny_config_and_agree_on_the_loss(tmp_path, token_dataset):
     def losses(run_dir: Path) -> dict[int, float]:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines if line.strip()]
         return {r["step"]: r["loss"] for r in records if "loss" in r}
 
-    train = ["--config", str(TINY_CONFIG), "--schedule.train_steps=3"]
+    # One pipeline stage per "node"; the data is the shared synthetic token dataset.
+    train = [
+        "--config",
+        str(TINY_CONFIG),
+        "--schedule.train_steps=3",
+        "--schedule.lr_warmup_steps=1",
+        f"--data.data_path=[{token_dataset}]",
+        "--tokenizer.tokenizer_type=none",
+        "--model.vocab_size=256",
+        "--parallel.device=cpu",
+        "--parallel.tensor_model_parallel_size=1",
+        "--parallel.pipeline_model_parallel_size=2",
+        "--parallel.sequence_parallel=false",
+        "--monitoring.wandb=false",
+        "--monitoring.tensorboard=false",
+        "--checkpoint.interval=0",
+        "--checkpoint.save_on_exit=false",
+    ]
     two_nodes = tmp_path / "two_nodes"
     run_two_nodes(tmp_path, [], [*train, f"--run_dir={two_nodes}"], timeout=300)
     # Reference: the same world size (2 ranks) on one node.

@@ -14,25 +14,7 @@ import pytest
 
 from megatron_ext.parallel.local_launch import run_on_local_processes
 
-VOCAB = 256
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    """200 documents of 20-120 tokens with a learnable pattern (each token predicts the next)."""
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = str(tmp_path_factory.mktemp("tokens") / "train_text_document")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        start = int(rng.integers(3, VOCAB))
-        length = int(rng.integers(20, 120))
-        doc = (start + np.arange(length) * 7) % (VOCAB - 3) + 3
-        builder.add_document(torch.from_numpy(np.append(doc, 2).astype(np.int64)), [length + 1])
-    builder.finalize(prefix + ".idx")
-    return prefix
+VOCAB = 256  # tests/conftest.py: token_dataset
 
 
 def _overrides(dataset: str, run_dir: Path, extra: list[str]) -> list[str]:
@@ -69,7 +51,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_dp1_with_4_microbatches_equals_dp4_with_1(dataset, tmp_path):
+def test_dp1_with_4_microbatches_equals_dp4_with_1(token_dataset, tmp_path):
     runs = {}
     for world in (1, 4):
         run_dir = tmp_path / f"dp{world}"
@@ -81,7 +63,7 @@ def test_dp1_with_4_microbatches_equals_dp4_with_1(dataset, tmp_path):
             "--schedule.curriculum.fraction=0.5",
             "--schedule.curriculum.multiple=16",
         ]
-        run_on_local_processes(_run, world, _overrides(dataset, run_dir, extra), None)
+        run_on_local_processes(_run, world, _overrides(token_dataset, run_dir, extra), None)
         runs[world] = _metrics(run_dir)
     one, four = runs[1], runs[4]
     assert [r["num_microbatches"] for r in one] == [4] * 6
@@ -94,7 +76,7 @@ def test_dp1_with_4_microbatches_equals_dp4_with_1(dataset, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
 
 
-def test_fp16_overflow_skips_step_halves_scale_and_continues(dataset, tmp_path):
+def test_fp16_overflow_skips_step_halves_scale_and_continues(token_dataset, tmp_path):
     run_dir = tmp_path / "fp16"
     extra = [
         "--precision.dtype=fp16",
@@ -105,7 +87,7 @@ def test_fp16_overflow_skips_step_halves_scale_and_continues(dataset, tmp_path):
         "--schedule.train_steps=10",
         "--schedule.curriculum.enabled=false",
     ]
-    run_on_local_processes(_run, 1, _overrides(dataset, run_dir, extra), None)
+    run_on_local_processes(_run, 1, _overrides(token_dataset, run_dir, extra), None)
     rows = _metrics(run_dir)
     assert rows[0]["skipped"] is True
     assert rows[1]["loss_scale"] == rows[0]["loss_scale"] / 2
@@ -119,7 +101,7 @@ def test_fp16_overflow_skips_step_halves_scale_and_continues(dataset, tmp_path):
     assert rows[-1]["consumed_tokens"] == 10 * 4 * 64
 
 
-def test_recipe_at_reduced_size_runs_with_every_feature(dataset, tmp_path):
+def test_recipe_at_reduced_size_runs_with_every_feature(token_dataset, tmp_path):
     """recipe_1b.yaml with a tiny model on 4 CPU processes: TP2 x DP2, sequence parallel, bf16,
     distributed optimizer, curriculum, warmup + cosine, evaluation, checkpoint, monitoring."""
     run_dir = tmp_path / "recipe"
@@ -149,7 +131,7 @@ def test_recipe_at_reduced_size_runs_with_every_feature(dataset, tmp_path):
         "--checkpoint.save_on_exit=true",
     ]
     # The recipe file's own model/parallel values are overridden; everything else stays.
-    overrides = _overrides(dataset, run_dir, extra)
+    overrides = _overrides(token_dataset, run_dir, extra)
     overrides = [o for o in overrides if not o.startswith("--model.vocab_size")]
     overrides.append(f"--model.vocab_size={VOCAB}")
     summaries = run_on_local_processes(

@@ -1,0 +1,609 @@
+"""Training-step throughput on one GPU: megatron_ext against Hugging Face Llama baselines.
+
+Every variant trains the same Llama shape (1.09B: hidden 2,048, 16 layers, 16 heads, SwiGLU 5,632,
+vocabulary 65,536, untied embeddings) on random non-zero tokens, in bf16 with AdamW, one optimizer
+step per micro-batch. Each (variant, shape) runs in its own process (a clean allocator, so the peak
+memory is its own); warm-up steps, which include compilation, are excluded from the timing.
+
+Variants (``--variants``, in this order of priority):
+
+  megatron_ext        the default build: local layers + SDPA; without Transformer Engine on a GPU
+                      the fast path (each layer under torch.compile, chunked cross-entropy)
+  hf_eager            transformers LlamaForCausalLM, SDPA attention, bf16 autocast, fused AdamW
+  hf_liger            the same after Liger Kernel's apply_liger_kernel_to_llama (when importable)
+  hf_compile          the same as hf_eager under torch.compile
+  megatron_ext_plain  the fast path off (compile_layers=off, fused_cross_entropy=off)
+  megatron_ext_compile_only   compiled layers, megatron-core's cross-entropy (attribution)
+  megatron_ext_loss_only      chunked cross-entropy, eager layers (attribution)
+
+Reported per run: tokens/s, TFLOP/s and MFU against ``--peak-tflops`` (989, H100 SXM bf16 dense)
+with Megatron-LM's FLOP count (``num_floating_point_operations``: GEMMs of attention, SwiGLU MLP and
+logits, attention scores not halved for causality, no embedding lookup) and with ``6 N + 12 L h s``
+per token (the count behind earlier published percentages), peak allocated and reserved memory, and
+the first/last loss. For each shape, every variant's ratio to the fastest Hugging Face variant.
+Results go to ``<out-dir>/train_step.json`` and ``train_step.md`` with the card and versions.
+
+One GPU (about 8 minutes, most of it compilation)::
+
+    python benchmarks/train_step.py --out-dir benchmarks/results --time-budget-s 480
+
+CPU smoke run (tiny shape; the timings mean nothing)::
+
+    python benchmarks/train_step.py --tiny --steps 2 --warmup 1 --shapes 32x2 \\
+        --variants megatron_ext,hf_eager --out-dir /tmp/bench
+
+Memory of a preset (model and precision from an experiment YAML, one GPU, the YAML's context and
+micro-batch), next to the dry-run estimate for one GPU::
+
+    python benchmarks/train_step.py --memory-config examples/configs/recipe_1b.yaml --variants none
+
+Machines without a package index: megatron-core and Liger Kernel travel as wheels. On a machine
+with pip access, for the target's Python (3.12 here)::
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
+        --implementation cp --platform manylinux_2_28_x86_64 -d .whl \\
+        megatron-core==0.16.1 liger-kernel==0.8.5
+
+(``.whl/`` is git-ignored), copy the repository over and install them beside the site packages::
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+
+``tests/gpu/run_gpu_checks.sh`` does exactly that when ``.whl/`` is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+MODEL_1B = dict(
+    num_layers=16,
+    hidden_size=2048,
+    ffn_hidden_size=5632,
+    num_attention_heads=16,
+    num_query_groups=16,
+    vocab_size=65536,
+)
+MODEL_TINY = dict(
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=176,
+    num_attention_heads=4,
+    num_query_groups=4,
+    vocab_size=512,
+)
+
+# name -> (priority, family, settings, rough cost in seconds on an H100 incl. start and compile)
+VARIANTS: dict[str, tuple[int, str, dict, float]] = {
+    "megatron_ext": (0, "megatron_ext", {}, 150.0),
+    "hf_eager": (0, "hf", {}, 45.0),
+    "hf_liger": (0, "hf", {"liger": True}, 45.0),
+    "hf_compile": (0, "hf", {"compile": True}, 150.0),
+    "megatron_ext_plain": (
+        1,
+        "megatron_ext",
+        {"compile_layers": "off", "fused_cross_entropy": "off"},
+        45.0,
+    ),
+    "megatron_ext_compile_only": (
+        2,
+        "megatron_ext",
+        {"compile_layers": "on", "fused_cross_entropy": "off"},
+        150.0,
+    ),
+    "megatron_ext_loss_only": (
+        2,
+        "megatron_ext",
+        {"compile_layers": "off", "fused_cross_entropy": "on"},
+        60.0,
+    ),
+}
+DEFAULT_VARIANTS = "megatron_ext,hf_eager,hf_liger,hf_compile,megatron_ext_plain"
+
+
+@dataclass(frozen=True)
+class Shape:
+    seq_length: int
+    micro_batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.seq_length}x{self.micro_batch}"
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_length * self.micro_batch
+
+
+def parse_shape(text: str) -> Shape:
+    try:
+        seq, batch = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: use SEQxBATCH, e.g. 4096x2") from None
+    if seq < 2 or batch < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: need seq >= 2 and batch >= 1")
+    return Shape(seq, batch)
+
+
+# ----------------------------------------------------------------------------- FLOP counts
+
+
+def padded_vocab(vocab: int, multiple: int = 128) -> int:
+    return -(-vocab // multiple) * multiple
+
+
+def megatron_flops_per_step(model: dict, shape: Shape) -> float:
+    """Megatron-LM's ``num_floating_point_operations`` for a dense GQA + SwiGLU decoder."""
+    h, layers = model["hidden_size"], model["num_layers"]
+    heads, groups = model["num_attention_heads"], model["num_query_groups"]
+    s = shape.seq_length
+    attention = 1 + groups / heads + s / h  # q/o + k/v projections, scores and context
+    mlp = model["ffn_hidden_size"] / h * 1.5  # three SwiGLU GEMMs
+    logits = padded_vocab(model["vocab_size"]) / (2 * layers * h)
+    return 12 * shape.tokens * layers * h * h * (attention + mlp + logits)
+
+
+def num_parameters(model: dict) -> int:
+    h, f = model["hidden_size"], model["ffn_hidden_size"]
+    head_dim = h // model["num_attention_heads"]
+    kv = 2 * model["num_query_groups"] * head_dim * h
+    per_layer = h * h * 2 + kv + 3 * h * f + 2 * h
+    return model["num_layers"] * per_layer + 2 * padded_vocab(model["vocab_size"]) * h + h
+
+
+def six_n_flops_per_step(model: dict, shape: Shape) -> float:
+    """``6 N`` per token plus ``12 L h s`` for attention scores (no causal halving)."""
+    attention = 12 * model["num_layers"] * model["hidden_size"] * shape.seq_length
+    return shape.tokens * (6 * num_parameters(model) + attention)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _random_batches(shape: Shape, vocab: int, device: torch.device, count: int = 4):
+    """Token ids drawn uniformly from [1, vocab): never all zeros, different every step."""
+    gen = torch.Generator().manual_seed(1234)
+    return [
+        torch.randint(1, vocab, (shape.micro_batch, shape.seq_length + 1), generator=gen).to(device)
+        for _ in range(count)
+    ]
+
+
+def _megatron_step_fn(model: dict, settings: dict, shape: Shape, device: str, extra_model=None):
+    from megatron_ext.models.builder import build_model
+    from megatron_ext.models.config import ModelConfig, PrecisionConfig
+    from megatron_ext.parallel.config import ParallelConfig
+    from megatron_ext.parallel.init import initialize_parallel
+    from megatron_ext.training.optimizer import (
+        OptimizerConfig,
+        attach_schedule_hooks,
+        build_optimizer,
+        wrap_ddp,
+    )
+    from megatron_ext.training.step import train_step
+
+    parallel = ParallelConfig(device=device, use_distributed_optimizer=True)
+    ctx = initialize_parallel(parallel, seed=1234)
+    if extra_model is not None:
+        model_cfg, precision = extra_model
+    else:
+        model_cfg = ModelConfig(seq_length=shape.seq_length, **model, **settings)
+        precision = PrecisionConfig(dtype="bf16" if device == "cuda" else "fp32")
+    chunks = build_model(model_cfg, parallel, precision, device)
+    ddp = wrap_ddp(chunks, parallel, precision)
+    optimizer = build_optimizer(
+        ddp, OptimizerConfig(), parallel, precision, peak_lr=1e-4, min_lr=1e-5
+    )
+    attach_schedule_hooks(ddp, optimizer, parallel)
+    batches = _random_batches(shape, model_cfg.vocab_size, ctx.torch_device)
+    positions = torch.arange(shape.seq_length, device=ctx.torch_device).expand(
+        shape.micro_batch, shape.seq_length
+    )
+    loss_mask = torch.ones(shape.micro_batch, shape.seq_length, device=ctx.torch_device)
+
+    def step(index: int) -> float:
+        tokens = batches[index % len(batches)]
+        micro = {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": loss_mask,
+            "position_ids": positions,
+        }
+        result = train_step(
+            ddp, optimizer, [micro], shape.seq_length, ctx.torch_device, ctx.pp_group(), True
+        )
+        return result.loss
+
+    return step
+
+
+def _hf_step_fn(model: dict, settings: dict, shape: Shape, device: str):
+    if settings.get("liger"):
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=model["vocab_size"],
+        hidden_size=model["hidden_size"],
+        intermediate_size=model["ffn_hidden_size"],
+        num_hidden_layers=model["num_layers"],
+        num_attention_heads=model["num_attention_heads"],
+        num_key_value_heads=model["num_query_groups"],
+        max_position_embeddings=shape.seq_length,
+        tie_word_embeddings=False,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(1234)
+    net = LlamaForCausalLM(config).to(device)  # fp32 weights; bf16 compute under autocast
+    net.train()
+    on_gpu = device == "cuda"
+    optimizer = torch.optim.AdamW(
+        net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=on_gpu
+    )
+    forward = torch.compile(net) if settings.get("compile") else net
+    batches = _random_batches(shape, model["vocab_size"], torch.device(device))
+
+    def step(index: int) -> float:
+        tokens = batches[index % len(batches)][:, :-1]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=on_gpu):
+            loss = forward(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.item())
+
+    return step
+
+
+def _memory_config(path: str):
+    """(model dict for FLOPs, Shape, (ModelConfig, PrecisionConfig), estimate GiB) of a YAML."""
+    from dataclasses import asdict
+
+    from megatron_ext.config.loader import load_config
+    from megatron_ext.training.estimate import estimate_stages
+    from megatron_ext.training.experiment import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, path, [])
+    shape = Shape(cfg.model.seq_length, cfg.schedule.micro_batch_size)
+    single = type(cfg.parallel)(
+        **{
+            **asdict(cfg.parallel),
+            "tensor_model_parallel_size": 1,
+            "pipeline_model_parallel_size": 1,
+            "virtual_pipeline_model_parallel_size": None,
+            "sequence_parallel": False,
+        }
+    )
+    estimate = estimate_stages(
+        cfg.model, single, cfg.precision, 1, shape.micro_batch, shape.seq_length
+    )
+    model = {key: getattr(cfg.model, key) for key in MODEL_1B}
+    return model, shape, (cfg.model, cfg.precision), estimate[0].total_gib
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Build one variant, warm it up, time ``args.steps`` steps; never raises for OOM."""
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    extra_model, estimate = None, None
+    if args.memory_config:
+        model, shape, extra_model, estimate = _memory_config(args.memory_config)
+        name, family, settings = "recipe_memory", "megatron_ext", {}
+    else:
+        model, shape = (MODEL_TINY if args.tiny else MODEL_1B), args.shape
+        name = args.worker
+        _, family, settings, _ = VARIANTS[name]
+    record = {"variant": name, "shape": shape.name, "device": device, "status": "ok"}
+    if estimate is not None:
+        record["dry_run_estimate_gib"] = round(estimate, 2)
+        record["config"] = args.memory_config
+    started = time.perf_counter()
+    try:
+        if family == "megatron_ext":
+            step = _megatron_step_fn(model, settings, shape, device, extra_model)
+        else:
+            step = _hf_step_fn(model, settings, shape, device)
+        losses = [step(i) for i in range(args.warmup)]
+        record["warmup_s"] = round(time.perf_counter() - started, 1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            losses.append(step(args.warmup + i))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    except torch.cuda.OutOfMemoryError as error:
+        record.update(status="oom", error=str(error).splitlines()[0][:300])
+        return record
+    record.update(_measurements(model, shape, times, losses, args.peak_tflops, device))
+    record["wall_s"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def _measurements(model, shape, times, losses, peak_tflops, device) -> dict:
+    mean = sum(times) / len(times)
+    out = {
+        "steps": len(times),
+        "step_s_mean": round(mean, 5),
+        "step_s_median": round(statistics.median(times), 5),
+        "tokens_per_s": round(shape.tokens / mean, 1),
+        "tflops_megatron": round(megatron_flops_per_step(model, shape) / mean / 1e12, 2),
+        "mfu_megatron": round(megatron_flops_per_step(model, shape) / mean / 1e12 / peak_tflops, 4),
+        "mfu_6n": round(six_n_flops_per_step(model, shape) / mean / 1e12 / peak_tflops, 4),
+        "first_loss": round(losses[0], 4),
+        "last_loss": round(losses[-1], 4),
+    }
+    if not all(math.isfinite(loss) for loss in losses):
+        out["status"] = "nonfinite_loss"
+    if device == "cuda":
+        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _available(name: str) -> str | None:
+    """None when the variant can run here, else why not."""
+    if VARIANTS[name][2].get("liger") and importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel is not installed"
+    return None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("triton", "transformers", "megatron-core", "liger-kernel"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    out["transformer_engine"] = importlib.util.find_spec("transformer_engine") is not None
+    return out
+
+
+def _card() -> str:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _run_one(args, job: dict, timeout_s: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
+        out_file = Path(tmp) / "result.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--result-file", str(out_file)]
+        command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command += ["--peak-tflops", str(args.peak_tflops)]
+        if job["variant"] == "recipe_memory":
+            command += ["--memory-config", args.memory_config]
+        else:
+            command += ["--worker", job["variant"], "--shape", job["shape"]]
+        command += ["--tiny"] * args.tiny + ["--cpu"] * args.cpu
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {**job, "status": "timeout", "error": f"no result within {timeout_s:.0f} s"}
+        if out_file.exists():
+            return json.loads(out_file.read_text())
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+        return {
+            **job,
+            "status": "failed",
+            "error": " | ".join(tail)[-600:] or f"exit code {proc.returncode}",
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+
+
+def plan_jobs(args) -> list[dict]:
+    names = [n for n in args.variants.split(",") if n and n != "none"]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    jobs = [
+        {"variant": name, "shape": shape.name, "_key": (VARIANTS[name][0], s, names.index(name))}
+        for s, shape in enumerate(args.shapes)
+        for name in names
+    ]
+    if args.memory_config:
+        jobs.append({"variant": "recipe_memory", "shape": "config", "_key": (1, 99, 0)})
+    jobs.sort(key=lambda job: job.pop("_key"))
+    return jobs
+
+
+def run_driver(args) -> dict:
+    jobs = plan_jobs(args)
+    started = time.perf_counter()
+    results = []
+    for job in jobs:
+        elapsed = time.perf_counter() - started
+        reason = _available(job["variant"]) if job["variant"] in VARIANTS else None
+        cost = VARIANTS.get(job["variant"], (0, "", {}, 90.0))[3]
+        remaining = args.time_budget_s - elapsed if args.time_budget_s else None
+        if reason is None and remaining is not None and remaining < min(cost, 30.0):
+            reason = f"time budget: {remaining:.0f} s left, about {cost:.0f} s needed"
+        if reason is not None:
+            results.append({**job, "status": "skipped", "error": reason})
+        else:
+            timeout = (
+                min(args.variant_timeout_s, remaining) if remaining else args.variant_timeout_s
+            )
+            results.append(_run_one(args, job, timeout))
+        print(_format_line(results[-1]), flush=True)
+    report = {
+        "card": _card(),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "versions": _versions(),
+        "settings": {
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "peak_tflops": args.peak_tflops,
+            "model": MODEL_TINY if args.tiny else MODEL_1B,
+            "dtype": "bf16" if torch.cuda.is_available() and not args.cpu else "fp32",
+        },
+        "results": results,
+        "ratios": compute_ratios(results),
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    return report
+
+
+def compute_ratios(results: list[dict]) -> dict:
+    """Per shape: the fastest Hugging Face variant, and each variant's tokens/s ratio to it."""
+    ratios = {}
+    for shape in dict.fromkeys(r["shape"] for r in results):
+        done = [r for r in results if r["shape"] == shape and r["status"] == "ok"]
+        hf = [r for r in done if r["variant"].startswith("hf_")]
+        if not hf:
+            continue
+        best = max(hf, key=lambda r: r["tokens_per_s"])
+        ratios[shape] = {
+            "best_hf": best["variant"],
+            "best_hf_tokens_per_s": best["tokens_per_s"],
+            "ratio_to_best_hf": {
+                r["variant"]: round(r["tokens_per_s"] / best["tokens_per_s"], 3) for r in done
+            },
+        }
+    return ratios
+
+
+def _format_line(r: dict) -> str:
+    head = f"{r['variant']:<26} {r['shape']:>7}"
+    if r["status"] != "ok":
+        return f"{head}  {r['status']}: {r.get('error', '')}"
+    memory = f"{r['peak_allocated_gib']:6.1f} GiB" if "peak_allocated_gib" in r else "     -"
+    return (
+        f"{head}  {r['tokens_per_s']:>10.0f} tok/s  {r['tflops_megatron']:7.1f} TFLOP/s  "
+        f"MFU {100 * r['mfu_megatron']:5.1f}% (6N: {100 * r['mfu_6n']:5.1f}%)  {memory}  "
+        f"loss {r['first_loss']:.3f}->{r['last_loss']:.3f}"
+    )
+
+
+def to_markdown(report: dict) -> str:
+    v = report["versions"]
+    lines = [
+        f"# Training-step benchmark ({report['date_utc']})",
+        "",
+        f"Card: {report['card']}. torch {v['torch']}, triton {v['triton']}, transformers "
+        f"{v['transformers']}, megatron-core {v['megatron-core']}, liger-kernel "
+        f"{v['liger-kernel']}, Transformer Engine "
+        f"{'present' if v['transformer_engine'] else 'absent'}.",
+        f"Steps timed: {report['settings']['steps']} after {report['settings']['warmup']} warm-up; "
+        f"dtype {report['settings']['dtype']}; MFU against {report['settings']['peak_tflops']} "
+        "TFLOP/s.",
+        f"Command: `{report['command']}`",
+        "",
+        "| variant | shape | tokens/s | ratio to best HF | TFLOP/s (Megatron count) | MFU "
+        "(Megatron) | MFU (6N+12Lhs) | peak alloc GiB | loss first->last | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in report["results"]:
+        ratio = report["ratios"].get(r["shape"], {}).get("ratio_to_best_hf", {}).get(r["variant"])
+        if r["status"] == "ok":
+            lines.append(
+                f"| {r['variant']} | {r['shape']} | {r['tokens_per_s']:.0f} | "
+                f"{'' if ratio is None else f'{ratio:.3f}'} | {r['tflops_megatron']:.1f} | "
+                f"{100 * r['mfu_megatron']:.1f}% | {100 * r['mfu_6n']:.1f}% | "
+                f"{r.get('peak_allocated_gib', '-')} | {r['first_loss']:.3f}->{r['last_loss']:.3f}"
+                f" | ok |"
+            )
+        else:
+            lines.append(
+                f"| {r['variant']} | {r['shape']} | | | | | | | | {r['status']}: "
+                f"{r.get('error', '')[:160].replace('|', '/')} |"
+            )
+    for r in report["results"]:
+        if "dry_run_estimate_gib" in r and r["status"] == "ok":
+            lines += [
+                "",
+                f"Memory of {r['config']} on one GPU at {r['shape']}: peak allocated "
+                f"{r.get('peak_allocated_gib')} GiB, reserved {r.get('peak_reserved_gib')} GiB; "
+                f"dry-run estimate {r['dry_run_estimate_gib']} GiB.",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated, or none")
+    parser.add_argument(
+        "--shapes",
+        type=lambda text: [parse_shape(part) for part in text.split(",") if part],
+        default=None,
+        help="SEQxBATCH list (default 4096x2,8192x1; with --tiny 32x2,64x1)",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    parser.add_argument("--memory-config", default=None, help="experiment YAML to measure")
+    parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--time-budget-s", type=float, default=0.0, help="0: no budget")
+    parser.add_argument("--variant-timeout-s", type=float, default=420.0)
+    # Internal: one (variant, shape) in this process.
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", type=parse_shape, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if args.result_file:
+        record = run_worker(args)
+        Path(args.result_file).write_text(json.dumps(record))
+        return 0
+    if args.shapes is None:
+        args.shapes = [
+            parse_shape(s) for s in ("32x2,64x1" if args.tiny else "4096x2,8192x1").split(",")
+        ]
+    report = run_driver(args)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "train_step.md").write_text(to_markdown(report))
+    for shape, ratio in report["ratios"].items():
+        others = ", ".join(
+            f"{name} {value:.3f}x" for name, value in ratio["ratio_to_best_hf"].items()
+        )
+        print(f"{shape}: best HF = {ratio['best_hf']}; ratios: {others}")
+    print(f"wrote {out_dir / 'train_step.json'} and {out_dir / 'train_step.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""benchmarks/train_step.py: its FLOP counts, job planning, and a real tiny CPU run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "train_step.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parameter_count_is_the_published_1_09b(bench):
+    assert round(bench.num_parameters(bench.MODEL_1B) / 1e9, 2) == 1.09
+
+
+@pytest.mark.parametrize(
+    "shape,tokens_per_s,mfu_6n",
+    [("4096x2", 42.3e3, 0.35), ("4096x2", 50.4e3, 0.416), ("8192x1", 47.6e3, 0.47)],
+)
+def test_6n_count_reproduces_published_percentages(bench, shape, tokens_per_s, mfu_6n):
+    s = bench.parse_shape(shape)
+    mfu = tokens_per_s * bench.six_n_flops_per_step(bench.MODEL_1B, s) / s.tokens / 989e12
+    assert mfu == pytest.approx(mfu_6n, abs=0.002)
+
+
+def test_megatron_count_by_hand(bench):
+    # 12 * tokens * L * h^2 * ((1 + g/a + s/h) + 1.5 F/h + V/(2 L h)) for the 1.09B at 4096 x 2.
+    s = bench.parse_shape("4096x2")
+    expected = (
+        12 * 8192 * 16 * 2048**2 * ((1 + 1 + 2) + 1.5 * 5632 / 2048 + 65536 / (2 * 16 * 2048))
+    )
+    assert bench.megatron_flops_per_step(bench.MODEL_1B, s) == pytest.approx(expected)
+
+
+def test_bad_shape_is_a_clear_error(bench):
+    with pytest.raises(Exception, match="SEQxBATCH"):
+        bench.parse_shape("4096")
+
+
+def test_jobs_run_core_variants_of_every_shape_first(bench):
+    args = bench.build_parser().parse_args(
+        ["--variants", "megatron_ext_plain,megatron_ext,hf_eager", "--shapes", "4096x2,8192x1"]
+    )
+    order = [(job["variant"], job["shape"]) for job in bench.plan_jobs(args)]
+    assert order == [
+        ("megatron_ext", "4096x2"),
+        ("hf_eager", "4096x2"),
+        ("megatron_ext", "8192x1"),
+        ("hf_eager", "8192x1"),
+        ("megatron_ext_plain", "4096x2"),
+        ("megatron_ext_plain", "8192x1"),
+    ]
+
+
+def test_exhausted_time_budget_skips_and_still_writes_the_report(bench, tmp_path):
+    argv = ["--tiny", "--cpu", "--variants", "megatron_ext,hf_eager", "--time-budget-s", "1e-9"]
+    assert bench.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "train_step.json").read_text())
+    assert [r["status"] for r in report["results"]] == ["skipped"] * 4
+    assert "time budget" in report["results"][0]["error"]
+    assert "skipped" in (tmp_path / "train_step.md").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_tiny_cpu_run_end_to_end(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--tiny", "--cpu", "--steps", "2", "--warmup", "1"]
+    command += ["--shapes", "32x2", "--variants", "megatron_ext_loss_only,hf_eager,hf_liger"]
+    subprocess.run([*command, "--out-dir", str(tmp_path)], check=True, timeout=280)
+    report = json.loads((tmp_path / "train_step.json").read_text())
+    assert report["card"].startswith("CPU")
+    assert report["versions"]["megatron-core"] == "0.16.1"
+    by_variant = {r["variant"]: r for r in report["results"]}
+    for name in ("megatron_ext_loss_only", "hf_eager"):
+        result = by_variant[name]
+        assert result["status"] == "ok", result
+        assert result["steps"] == 2 and result["tokens_per_s"] > 0
+        # Untrained on uniform random tokens: the loss is about log(vocabulary) = log(512).
+        assert abs(result["first_loss"] - math.log(512)) < 0.5
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert by_variant["hf_liger"]["status"] == "skipped"
+    ratios = report["ratios"]["32x2"]
+    assert ratios["best_hf"] == "hf_eager"
+    assert ratios["ratio_to_best_hf"]["hf_eager"] == 1.0
+    markdown = (tmp_path / "train_step.md").read_text()
+    assert "| megatron_ext_loss_only | 32x2 |" in markdown
