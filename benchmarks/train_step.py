@@ -32,6 +32,10 @@ CPU smoke run (tiny shape; the timings mean nothing)::
     python benchmarks/train_step.py --tiny --steps 2 --warmup 1 --shapes 32x2 \\
         --variants megatron_ext,hf_eager --out-dir /tmp/bench
 
+With Transformer Engine installed (NVIDIA's PyTorch containers) the megatron_ext variant builds TE
+layers instead (the fast path is then off; TE fuses those kernels itself); the same command
+measures that path, and ``--fp8 e4m3`` (or ``hybrid``) adds FP8 GEMMs on Hopper.
+
 Memory of a preset (model and precision from an experiment YAML, one GPU, the YAML's context and
 micro-batch), next to the dry-run estimate for one GPU::
 
@@ -190,11 +194,14 @@ def _random_batches(shape: Shape, vocab: int, device: torch.device, count: int =
     ]
 
 
-def _megatron_step_fn(model: dict, settings: dict, shape: Shape, device: str, extra_model=None):
+def _megatron_step_fn(
+    model: dict, settings: dict, shape: Shape, device: str, extra_model=None, fp8: str = "none"
+):
     from megatron_ext.models.builder import build_model
     from megatron_ext.models.config import ModelConfig, PrecisionConfig
     from megatron_ext.parallel.config import ParallelConfig
     from megatron_ext.parallel.init import initialize_parallel
+    from megatron_ext.training.estimate import estimate_stages
     from megatron_ext.training.optimizer import (
         OptimizerConfig,
         attach_schedule_hooks,
@@ -209,7 +216,10 @@ def _megatron_step_fn(model: dict, settings: dict, shape: Shape, device: str, ex
         model_cfg, precision = extra_model
     else:
         model_cfg = ModelConfig(seq_length=shape.seq_length, **model, **settings)
-        precision = PrecisionConfig(dtype="bf16" if device == "cuda" else "fp32")
+        precision = PrecisionConfig(dtype="bf16" if device == "cuda" else "fp32", fp8=fp8)
+    estimate = estimate_stages(
+        model_cfg, parallel, precision, 1, shape.micro_batch, shape.seq_length
+    )[0].total_gib
     chunks = build_model(model_cfg, parallel, precision, device)
     ddp = wrap_ddp(chunks, parallel, precision)
     optimizer = build_optimizer(
@@ -235,7 +245,7 @@ def _megatron_step_fn(model: dict, settings: dict, shape: Shape, device: str, ex
         )
         return result.loss
 
-    return step
+    return step, estimate
 
 
 def _hf_step_fn(model: dict, settings: dict, shape: Shape, device: str):
@@ -258,7 +268,8 @@ def _hf_step_fn(model: dict, settings: dict, shape: Shape, device: str):
         attn_implementation="sdpa",
     )
     torch.manual_seed(1234)
-    net = LlamaForCausalLM(config).to(device)  # fp32 weights; bf16 compute under autocast
+    with torch.device(device):  # initialise on the device: 1.1B parameters are slow on a CPU
+        net = LlamaForCausalLM(config)  # fp32 weights; bf16 compute under autocast
     net.train()
     on_gpu = device == "cuda"
     optimizer = torch.optim.AdamW(
@@ -281,50 +292,41 @@ def _hf_step_fn(model: dict, settings: dict, shape: Shape, device: str):
 
 
 def _memory_config(path: str):
-    """(model dict for FLOPs, Shape, (ModelConfig, PrecisionConfig), estimate GiB) of a YAML."""
-    from dataclasses import asdict
+    """(model dict for FLOPs, Shape, (ModelConfig, PrecisionConfig)) of an experiment YAML.
 
+    The YAML's model and precision at its context and micro-batch, on one GPU (TP = PP = DP = 1:
+    the distributed optimizer then holds all optimizer state, an upper bound for DP > 1).
+    """
     from megatron_ext.config.loader import load_config
-    from megatron_ext.training.estimate import estimate_stages
     from megatron_ext.training.experiment import ExperimentConfig
 
     cfg = load_config(ExperimentConfig, path, [])
     shape = Shape(cfg.model.seq_length, cfg.schedule.micro_batch_size)
-    single = type(cfg.parallel)(
-        **{
-            **asdict(cfg.parallel),
-            "tensor_model_parallel_size": 1,
-            "pipeline_model_parallel_size": 1,
-            "virtual_pipeline_model_parallel_size": None,
-            "sequence_parallel": False,
-        }
-    )
-    estimate = estimate_stages(
-        cfg.model, single, cfg.precision, 1, shape.micro_batch, shape.seq_length
-    )
     model = {key: getattr(cfg.model, key) for key in MODEL_1B}
-    return model, shape, (cfg.model, cfg.precision), estimate[0].total_gib
+    return model, shape, (cfg.model, cfg.precision)
 
 
 def run_worker(args: argparse.Namespace) -> dict:
     """Build one variant, warm it up, time ``args.steps`` steps; never raises for OOM."""
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    extra_model, estimate = None, None
+    extra_model = None
     if args.memory_config:
-        model, shape, extra_model, estimate = _memory_config(args.memory_config)
+        model, shape, extra_model = _memory_config(args.memory_config)
         name, family, settings = "recipe_memory", "megatron_ext", {}
     else:
         model, shape = (MODEL_TINY if args.tiny else MODEL_1B), args.shape
         name = args.worker
         _, family, settings, _ = VARIANTS[name]
     record = {"variant": name, "shape": shape.name, "device": device, "status": "ok"}
-    if estimate is not None:
-        record["dry_run_estimate_gib"] = round(estimate, 2)
+    if args.memory_config:
         record["config"] = args.memory_config
     started = time.perf_counter()
     try:
         if family == "megatron_ext":
-            step = _megatron_step_fn(model, settings, shape, device, extra_model)
+            step, estimate = _megatron_step_fn(
+                model, settings, shape, device, extra_model, args.fp8
+            )
+            record["dry_run_estimate_gib"] = round(estimate, 2)
         else:
             step = _hf_step_fn(model, settings, shape, device)
         losses = [step(i) for i in range(args.warmup)]
@@ -403,7 +405,7 @@ def _run_one(args, job: dict, timeout_s: float) -> dict:
         out_file = Path(tmp) / "result.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--result-file", str(out_file)]
         command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-        command += ["--peak-tflops", str(args.peak_tflops)]
+        command += ["--peak-tflops", str(args.peak_tflops), "--fp8", args.fp8]
         if job["variant"] == "recipe_memory":
             command += ["--memory-config", args.memory_config]
         else:
@@ -431,7 +433,7 @@ def plan_jobs(args) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     jobs = [
-        {"variant": name, "shape": shape.name, "_key": (VARIANTS[name][0], s, names.index(name))}
+        {"variant": name, "shape": shape.name, "_key": (VARIANTS[name][0], names.index(name), s)}
         for s, shape in enumerate(args.shapes)
         for name in names
     ]
@@ -441,16 +443,23 @@ def plan_jobs(args) -> list[dict]:
     return jobs
 
 
-def run_driver(args) -> dict:
+def run_driver(args, write) -> dict:
+    """Run the jobs in priority order; ``write(report)`` after each, so a cut-off run keeps all
+    finished measurements."""
     jobs = plan_jobs(args)
     started = time.perf_counter()
     results = []
+    report = {}
     for job in jobs:
         elapsed = time.perf_counter() - started
-        reason = _available(job["variant"]) if job["variant"] in VARIANTS else None
+        if job["variant"] in VARIANTS:
+            reason = _available(job["variant"])
+        else:  # the preset's memory: a full-size model, never part of a tiny rehearsal
+            reason = "not run with --tiny" if args.tiny else None
         cost = VARIANTS.get(job["variant"], (0, "", {}, 90.0))[3]
         remaining = args.time_budget_s - elapsed if args.time_budget_s else None
-        if reason is None and remaining is not None and remaining < min(cost, 30.0):
+        # A job that most likely cannot finish would only be killed at the deadline.
+        if reason is None and remaining is not None and remaining < max(20.0, 0.5 * cost):
             reason = f"time budget: {remaining:.0f} s left, about {cost:.0f} s needed"
         if reason is not None:
             results.append({**job, "status": "skipped", "error": reason})
@@ -460,7 +469,13 @@ def run_driver(args) -> dict:
             )
             results.append(_run_one(args, job, timeout))
         print(_format_line(results[-1]), flush=True)
-    report = {
+        report = _report(args, results, time.perf_counter() - started)
+        write(report)
+    return report
+
+
+def _report(args, results: list[dict], total_s: float) -> dict:
+    return {
         "card": _card(),
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -471,12 +486,12 @@ def run_driver(args) -> dict:
             "peak_tflops": args.peak_tflops,
             "model": MODEL_TINY if args.tiny else MODEL_1B,
             "dtype": "bf16" if torch.cuda.is_available() and not args.cpu else "fp32",
+            "fp8": args.fp8,
         },
         "results": results,
         "ratios": compute_ratios(results),
-        "total_s": round(time.perf_counter() - started, 1),
+        "total_s": round(total_s, 1),
     }
-    return report
 
 
 def compute_ratios(results: list[dict]) -> dict:
@@ -520,8 +535,8 @@ def to_markdown(report: dict) -> str:
         f"{v['liger-kernel']}, Transformer Engine "
         f"{'present' if v['transformer_engine'] else 'absent'}.",
         f"Steps timed: {report['settings']['steps']} after {report['settings']['warmup']} warm-up; "
-        f"dtype {report['settings']['dtype']}; MFU against {report['settings']['peak_tflops']} "
-        "TFLOP/s.",
+        f"dtype {report['settings']['dtype']}, fp8 {report['settings']['fp8']}; MFU against "
+        f"{report['settings']['peak_tflops']} TFLOP/s.",
         f"Command: `{report['command']}`",
         "",
         "| variant | shape | tokens/s | ratio to best HF | TFLOP/s (Megatron count) | MFU "
@@ -543,14 +558,21 @@ def to_markdown(report: dict) -> str:
                 f"| {r['variant']} | {r['shape']} | | | | | | | | {r['status']}: "
                 f"{r.get('error', '')[:160].replace('|', '/')} |"
             )
-    for r in report["results"]:
-        if "dry_run_estimate_gib" in r and r["status"] == "ok":
-            lines += [
-                "",
-                f"Memory of {r['config']} on one GPU at {r['shape']}: peak allocated "
-                f"{r.get('peak_allocated_gib')} GiB, reserved {r.get('peak_reserved_gib')} GiB; "
-                f"dry-run estimate {r['dry_run_estimate_gib']} GiB.",
-            ]
+    memory = [
+        r for r in report["results"] if "peak_allocated_gib" in r and "dry_run_estimate_gib" in r
+    ]
+    if memory:
+        lines += [
+            "",
+            "Memory of the megatron_ext runs on one GPU against the dry-run estimate:",
+            "",
+        ]
+    for r in memory:
+        lines.append(
+            f"- {r.get('config', r['variant'])} at {r['shape']}: peak allocated "
+            f"{r.get('peak_allocated_gib', '-')} GiB, reserved {r.get('peak_reserved_gib', '-')} "
+            f"GiB; estimate {r['dry_run_estimate_gib']} GiB"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -569,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     parser.add_argument("--memory-config", default=None, help="experiment YAML to measure")
+    parser.add_argument(
+        "--fp8",
+        default="none",
+        choices=["none", "e4m3", "hybrid"],
+        help="megatron_ext variants: FP8 GEMMs (needs Transformer Engine on Hopper)",
+    )
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--time-budget-s", type=float, default=0.0, help="0: no budget")
     parser.add_argument("--variant-timeout-s", type=float, default=420.0)
@@ -591,11 +619,19 @@ def main(argv: list[str] | None = None) -> int:
         args.shapes = [
             parse_shape(s) for s in ("32x2,64x1" if args.tiny else "4096x2,8192x1").split(",")
         ]
-    report = run_driver(args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_step.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "train_step.md").write_text(to_markdown(report))
+
+    def write(report: dict) -> None:
+        for name, text in (
+            ("train_step.json", json.dumps(report, indent=2) + "\n"),
+            ("train_step.md", to_markdown(report)),
+        ):
+            tmp = out_dir / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(out_dir / name)
+
+    report = run_driver(args, write)
     for shape, ratio in report["ratios"].items():
         others = ", ".join(
             f"{name} {value:.3f}x" for name, value in ratio["ratio_to_best_hf"].items()

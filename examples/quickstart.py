@@ -137,6 +137,10 @@ def summarize(run_dir: Path) -> None:
     print(f"loss: {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f}")
     if val:
         print(f"validation loss: {val[0]:.3f} -> {val[-1]:.3f}")
+        print(
+            "(the built-in corpus holds a few thousand tokens, so the model memorises it: a "
+            "rising validation loss is expected here)"
+        )
     print(f"sequence length: {first['seq_length']} -> {last['seq_length']} (curriculum)")
     print(f"checkpoints: {sorted(p.name for p in (run_dir / 'checkpoints').glob('iter_*'))}")
     subprocess.run(

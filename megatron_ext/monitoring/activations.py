@@ -47,17 +47,18 @@ OTHER_GROUPS = ("embedding", "output_layer", "final_layernorm", "other")
 def tensor_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float64 vector of the 7 additive statistics, float64 absolute max) of one tensor."""
     x = x.detach()
-    xf = x.float()
-    magnitude = xf.abs()
+    # Reductions accumulate in float64 on the fly; only |x| and masks are materialised (the limit
+    # thresholds are exact in bf16/fp16, so comparing in the input's dtype is exact).
+    magnitude = x.abs()
     sums = torch.stack(
         [
             torch.full((), float(x.numel()), dtype=torch.float64, device=x.device),
-            xf.sum(dtype=torch.float64),
-            xf.square().sum(dtype=torch.float64),
+            x.sum(dtype=torch.float64),
+            torch.linalg.vector_norm(x, dtype=torch.float64).square(),
             (magnitude >= LIMITS["bf16"] / 2).sum().double(),
             (magnitude >= LIMITS["e4m3"] / 2).sum().double(),
             (magnitude >= LIMITS["e5m2"] / 2).sum().double(),
-            (~torch.isfinite(xf)).sum().double(),
+            (~torch.isfinite(x)).sum().double(),
         ]
     )
     abs_max = magnitude.max().double() if x.numel() else torch.zeros((), dtype=torch.float64)
@@ -166,7 +167,7 @@ def grad_sq_sums(parts: list[OwnedPart], num_layers: int, device: torch.device) 
         if grad is None:
             continue
         slot = part.layer if part.layer is not None else num_layers + _other_group(part.name)
-        out[slot] += grad.float().square().sum(dtype=torch.float64)
+        out[slot] += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
     return out
 
 

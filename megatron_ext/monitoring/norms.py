@@ -25,7 +25,7 @@ def param_norm(parts: list[OwnedPart], device: torch.device) -> float:
     """L2 norm of all model parameters (identical on every rank; a collective call)."""
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for part in parts:
-        total += part.values().float().square().sum(dtype=torch.float64)
+        total += torch.linalg.vector_norm(part.values(), dtype=torch.float64).square()
     return float(_all_reduce_sum(total).sqrt().item())
 
 
@@ -40,11 +40,11 @@ class ParamSnapshot:
         """(||W_before||, ||W_after||, ||W_after - W_before|| / ||W_before||); a collective."""
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         for part, before in zip(self.parts, self.copies):
-            after = part.values().float()
-            old = before.float()
-            sums[0] += old.square().sum(dtype=torch.float64)
-            sums[1] += after.square().sum(dtype=torch.float64)
-            sums[2] += (after - old).square().sum(dtype=torch.float64)
+            after = part.values()
+            sums[0] += torch.linalg.vector_norm(before, dtype=torch.float64).square()
+            sums[1] += torch.linalg.vector_norm(after, dtype=torch.float64).square()
+            delta = after.float() - before.float()
+            sums[2] += torch.linalg.vector_norm(delta, dtype=torch.float64).square()
         norm_before, norm_after, norm_delta = _all_reduce_sum(sums).sqrt().tolist()
         ratio = norm_delta / norm_before if norm_before > 0 else float("nan")
         return norm_before, norm_after, ratio

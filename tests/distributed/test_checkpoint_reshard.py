@@ -218,6 +218,28 @@ def worker(rank: int, ports: list[int], root: str) -> None:
             _phase(index, rank, ports[index], Path(root))
 
 
+def _listen_ports(count: int) -> list[int]:
+    """Free ports below Linux's ephemeral range (32768+), chosen at random.
+
+    The later phases bind their port minutes after it is chosen; a port from the ephemeral range
+    (what binding port 0 gives) may by then be taken by any outgoing connection on the machine.
+    """
+    import random
+    import socket
+
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def _full_tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a torch_dist checkpoint at full shape, read without a process group."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -232,15 +254,13 @@ def _full_tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
 def resharded_runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    from megatron_ext.parallel.init import find_free_port
-
     root = tmp_path_factory.mktemp("reshard")
     # Spawned children import this module by name; pytest's importlib mode does not make it
     # importable, so put its directory on the path and spawn the function from that import.
     sys.path.insert(0, str(Path(__file__).parent))
     try:
         module = importlib.import_module(Path(__file__).stem)
-        ports = [find_free_port() for _ in PHASES]
+        ports = _listen_ports(len(PHASES))
         mp.spawn(module.worker, args=(ports, str(root)), nprocs=8, join=True)
     finally:
         sys.path.remove(str(Path(__file__).parent))

@@ -1,4 +1,4 @@
-"""The chunked cross-entropy equals torch's cross-entropy; the fast path switches on where it should."""
+"""The chunked cross-entropy equals torch's; the fast path switches on where it should."""
 
 from __future__ import annotations
 

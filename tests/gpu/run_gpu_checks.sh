@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of megatron_ext on one CUDA machine, results into one folder.
+#
+#   bash tests/gpu/run_gpu_checks.sh [OUTPUT_DIR]        (default: benchmarks/results)
+#
+# Budget: GPU_CHECKS_BUDGET_S seconds in all (default 540, so it ends inside a 10-minute slot).
+# GPU_CHECKS_BENCH_ARGS adds arguments to the benchmark (e.g. "--steps 20", or for a CPU rehearsal
+# "--tiny --cpu --shapes 32x2 --steps 2 --warmup 1").
+# In priority order it runs
+#   1. the training-step benchmark (benchmarks/train_step.py): megatron_ext's default path and the
+#      Hugging Face baselines (eager, Liger Kernel, torch.compile) at 4,096 x 2 and 8,192 x 1, then
+#      megatron_ext with the fast path off, then the recipe_1b preset (GQA, context 8,192, its
+#      recompute settings) for its memory; every megatron_ext run records its peak memory next to
+#      the dry-run estimate for one GPU; jobs that no longer fit the budget are listed as skipped;
+#   2. the gpu-marked tests (tests/gpu), with the time that is left (at least 100 s reserved).
+# Written to OUTPUT_DIR: environment.txt, benchmark.log, train_step.json, train_step.md,
+# gpu_tests.log. Reports are rewritten after every benchmark job, so a cut-off run keeps what
+# finished.
+#
+# Machines without a package index: put the wheels of megatron-core 0.16.1 (and, for the Liger
+# baseline, liger-kernel 0.8.5) for the machine's Python into .whl/ in the repository root (see
+# benchmarks/train_step.py for the pip download command); they are installed beside the site
+# packages (pip --no-index --target) before anything runs.
+set -uo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$repo"
+out="${1:-$repo/benchmarks/results}"
+mkdir -p "$out"
+budget="${GPU_CHECKS_BUDGET_S:-540}"
+tests_reserve=100
+start=$(date +%s)
+python=python3
+
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# Install only the wheels whose distribution is not installed already.
+missing=()
+for wheel in .whl/*.whl; do
+    [[ -e "$wheel" ]] || continue
+    dist="$(basename "$wheel" | cut -d- -f1)"
+    if ! $python -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" \
+        2>/dev/null; then
+        missing+=("$wheel")
+    fi
+done
+if (( ${#missing[@]} )); then
+    site=/tmp/megatron_ext_site
+    $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" "${missing[@]}" || { echo "installing ${missing[*]} failed" >&2; exit 1; }
+    export PYTHONPATH="$site:$PYTHONPATH"
+fi
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    $python - <<'EOF'
+import importlib.util
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+for name in ("triton", "transformers", "megatron-core", "liger-kernel", "transformer-engine"):
+    try:
+        print(name, version(name))
+    except PackageNotFoundError:
+        print(name, "absent")
+print("apex", "present" if importlib.util.find_spec("apex") else "absent")
+EOF
+} >"$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+
+elapsed=$(( $(date +%s) - start ))
+bench_budget=$(( budget - tests_reserve - elapsed ))
+if (( bench_budget < 1 )); then bench_budget=1; fi  # 0 would mean "no budget"
+echo "== benchmark (budget ${bench_budget} s)"
+# shellcheck disable=SC2086  # GPU_CHECKS_BENCH_ARGS is a list of words
+$python benchmarks/train_step.py --out-dir "$out" --time-budget-s "$bench_budget" \
+    --memory-config examples/configs/recipe_1b.yaml ${GPU_CHECKS_BENCH_ARGS:-} \
+    2>&1 | tee "$out/benchmark.log"
+bench_status=${PIPESTATUS[0]}
+
+elapsed=$(( $(date +%s) - start ))
+tests_budget=$(( budget - elapsed ))
+if (( tests_budget < 30 )); then tests_budget=30; fi
+echo "== gpu tests (budget ${tests_budget} s)"
+timeout "$tests_budget" $python -m pytest -q -m gpu tests/gpu -p no:cacheprovider \
+    2>&1 | tee "$out/gpu_tests.log"
+tests_status=${PIPESTATUS[0]}
+
+echo "== done in $(( $(date +%s) - start )) s: benchmark exit ${bench_status}, tests exit ${tests_status}"
+echo "results in $out"
+exit $(( bench_status != 0 || tests_status != 0 ))
