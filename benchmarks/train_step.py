@@ -13,6 +13,8 @@ Variants (``--variants``, in this order of priority):
   hf_liger            the same after Liger Kernel's apply_liger_kernel_to_llama (when importable)
   hf_compile          the same as hf_eager under torch.compile
   megatron_ext_plain  the fast path off (compile_layers=off, fused_cross_entropy=off)
+  megatron_ext_fused_adamw    megatron_ext with torch's fused AdamW kernel in place of the
+                      multi-tensor one megatron-core falls back to without TE/apex (a candidate)
   megatron_ext_compile_only   compiled layers, megatron-core's cross-entropy (attribution)
   megatron_ext_loss_only      chunked cross-entropy, eager layers (attribution)
 
@@ -110,6 +112,7 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
         {"compile_layers": "off", "fused_cross_entropy": "off"},
         45.0,
     ),
+    "megatron_ext_fused_adamw": (1, "megatron_ext", {"fused_adamw": True}, 150.0),
     "megatron_ext_compile_only": (
         2,
         "megatron_ext",
@@ -123,7 +126,9 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
         60.0,
     ),
 }
-DEFAULT_VARIANTS = "megatron_ext,hf_eager,hf_liger,hf_compile,megatron_ext_plain"
+DEFAULT_VARIANTS = (
+    "megatron_ext,hf_eager,hf_liger,hf_compile,megatron_ext_plain,megatron_ext_fused_adamw"
+)
 
 
 @dataclass(frozen=True)
@@ -215,7 +220,8 @@ def _megatron_step_fn(
     if extra_model is not None:
         model_cfg, precision = extra_model
     else:
-        model_cfg = ModelConfig(seq_length=shape.seq_length, **model, **settings)
+        model_fields = {k: v for k, v in settings.items() if k != "fused_adamw"}
+        model_cfg = ModelConfig(seq_length=shape.seq_length, **model, **model_fields)
         precision = PrecisionConfig(dtype="bf16" if device == "cuda" else "fp32", fp8=fp8)
     estimate = estimate_stages(
         model_cfg, parallel, precision, 1, shape.micro_batch, shape.seq_length
@@ -226,6 +232,8 @@ def _megatron_step_fn(
         ddp, OptimizerConfig(), parallel, precision, peak_lr=1e-4, min_lr=1e-5
     )
     attach_schedule_hooks(ddp, optimizer, parallel)
+    if settings.get("fused_adamw"):
+        use_fused_adamw(optimizer)
     batches = _random_batches(shape, model_cfg.vocab_size, ctx.torch_device)
     positions = torch.arange(shape.seq_length, device=ctx.torch_device).expand(
         shape.micro_batch, shape.seq_length
@@ -246,6 +254,25 @@ def _megatron_step_fn(
         return result.loss
 
     return step, estimate
+
+
+def use_fused_adamw(optimizer) -> None:
+    """Switch megatron-core's ``torch.optim.AdamW`` fallback to the fused (single-kernel) update.
+
+    Must run before the first step (torch creates the per-parameter state on first use). A
+    benchmark candidate only: checkpoint loading paths are not covered by it.
+    """
+    inner = [
+        getattr(opt, "optimizer", None)
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+    ]
+    adams = [opt for opt in inner if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))]
+    if not adams:
+        raise RuntimeError("no torch Adam/AdamW inside the optimizer (TE or apex FusedAdam in use)")
+    for opt in adams:
+        for group in opt.param_groups:
+            group["foreach"] = False
+            group["fused"] = True
 
 
 def _hf_step_fn(model: dict, settings: dict, shape: Shape, device: str):
@@ -318,6 +345,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         name = args.worker
         _, family, settings, _ = VARIANTS[name]
     record = {"variant": name, "shape": shape.name, "device": device, "status": "ok"}
+    record["card"] = _card(device)
     if args.memory_config:
         record["config"] = args.memory_config
     started = time.perf_counter()
@@ -393,8 +421,8 @@ def _versions() -> dict:
     return out
 
 
-def _card() -> str:
-    if torch.cuda.is_available():
+def _card(device: str) -> str:
+    if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
@@ -475,8 +503,12 @@ def run_driver(args, write) -> dict:
 
 
 def _report(args, results: list[dict], total_s: float) -> dict:
+    # The driver never touches CUDA itself (a context would hold GPU memory during the jobs): the
+    # card is what the workers saw.
+    cards = [r["card"] for r in results if "card" in r]
+    on_cpu = args.cpu or not torch.cuda.is_available()
     return {
-        "card": _card(),
+        "card": cards[0] if cards else (_card("cpu") if on_cpu else "not recorded (no job ran)"),
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "versions": _versions(),

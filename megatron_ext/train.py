@@ -104,11 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # megatron-core logs its bucket and optimizer set-up at INFO on every rank.
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    from megatron_ext.checkpoint.directory import CheckpointError
     from megatron_ext.training.loop import train
 
     try:
         summary = train(cfg)
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         _report(exc)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

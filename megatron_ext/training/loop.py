@@ -106,10 +106,12 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
         min_lr=cfg.schedule.min_lr,
     )
     attach_schedule_hooks(ddp_chunks, optimizer, cfg.parallel)
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        **megatron_scheduler_kwargs(cfg.schedule, weight_decay=cfg.optimizer.weight_decay),
+    scheduler_kwargs = megatron_scheduler_kwargs(
+        cfg.schedule, weight_decay=cfg.optimizer.weight_decay
     )
+    # An allowed schedule change must win over the values stored with the checkpoint.
+    scheduler_kwargs["override_opt_param_scheduler"] = _schedule_change_allowed(cfg)
+    scheduler = OptimizerParamScheduler(optimizer, **scheduler_kwargs)
     run_state = load_checkpoint(
         cfg.checkpoint, run_dir, ddp_chunks, optimizer, scheduler, ctx, to_dict(cfg)
     )
@@ -238,7 +240,8 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
                 logger.info(format_record(record))
             stop = _stop_reason(cfg, monitor, preemption, ctx, step, start_step)
             is_last = is_done(cfg.schedule, progress) or stop is not None
-            if _checkpoint_due(cfg, step) or (is_last and cfg.checkpoint.save_on_exit):
+            preempted = stop == "preempted"
+            if _checkpoint_due(cfg, step) or preempted or (is_last and cfg.checkpoint.save_on_exit):
                 _save(cfg, run, progress)
             if stop is not None:
                 stopped_by = stop

@@ -7,8 +7,8 @@ the curriculum is passed per call, so the pipeline's send/receive shapes follow 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -101,18 +101,20 @@ def train_step(
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    began = time.perf_counter()
     # The schedule ends with finalize_model_grads (see training.optimizer.attach_schedule_hooks).
     loss_dicts = run_forward_backward(model_chunks, micro_batches, seq_length, device)
     loss = mean_loss(loss_dicts, device, pp_group, is_last_stage)
+    forward_backward_s = time.perf_counter() - began
+    result = StepResult(loss, None, True, None, forward_backward_s)
     found_inf = optimizer.prepare_grads()
-    if found_inf:
-        return StepResult(loss=loss, grad_norm=None, skipped=True, num_zeros=None)
-    grad_norm = float(optimizer.get_grad_norm())
-    if allow_update is not None and not allow_update(loss, grad_norm):
-        return StepResult(loss=loss, grad_norm=grad_norm, skipped=True, num_zeros=None)
-    _clip_to_total_norm(optimizer, grad_norm)
-    update_successful = optimizer.step_with_ready_grads()
-    return StepResult(loss=loss, grad_norm=grad_norm, skipped=not update_successful, num_zeros=None)
+    if not found_inf:
+        result.grad_norm = float(optimizer.get_grad_norm())
+        if allow_update is None or allow_update(loss, result.grad_norm):
+            _clip_to_total_norm(optimizer, result.grad_norm)
+            result.skipped = not optimizer.step_with_ready_grads()
+    result.optimizer_s = time.perf_counter() - began - forward_backward_s
+    return result
 
 
 def _clip_to_total_norm(optimizer, grad_norm: float) -> None:

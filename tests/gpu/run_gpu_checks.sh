@@ -9,9 +9,10 @@
 # In priority order it runs
 #   1. the training-step benchmark (benchmarks/train_step.py): megatron_ext's default path and the
 #      Hugging Face baselines (eager, Liger Kernel, torch.compile) at 4,096 x 2 and 8,192 x 1, then
-#      megatron_ext with the fast path off, then the recipe_1b preset (GQA, context 8,192, its
-#      recompute settings) for its memory; every megatron_ext run records its peak memory next to
-#      the dry-run estimate for one GPU; jobs that no longer fit the budget are listed as skipped;
+#      megatron_ext with the fast path off and with fused AdamW, then the recipe_1b preset (GQA,
+#      context 8,192, its recompute settings) for its memory; every megatron_ext run records its
+#      peak memory next to the dry-run estimate for one GPU; jobs that no longer fit the budget
+#      are listed as skipped;
 #   2. the gpu-marked tests (tests/gpu), with the time that is left (at least 100 s reserved).
 # Written to OUTPUT_DIR: environment.txt, benchmark.log, train_step.json, train_step.md,
 # gpu_tests.log. Reports are rewritten after every benchmark job, so a cut-off run keeps what
@@ -86,7 +87,7 @@ elapsed=$(( $(date +%s) - start ))
 tests_budget=$(( budget - elapsed ))
 if (( tests_budget < 30 )); then tests_budget=30; fi
 echo "== gpu tests (budget ${tests_budget} s)"
-timeout "$tests_budget" $python -m pytest -q -m gpu tests/gpu -p no:cacheprovider \
+timeout "$tests_budget" $python -m pytest -q -m gpu tests/gpu \
     2>&1 | tee "$out/gpu_tests.log"
 tests_status=${PIPESTATUS[0]}
 

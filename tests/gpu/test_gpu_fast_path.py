@@ -38,20 +38,28 @@ def test_chunked_cross_entropy_matches_fp32_reference_at_65536_vocab():
     ref_loss = F.cross_entropy(ref_x.float(), target, reduction="none")
     (ref_loss * weights).sum().backward()
 
+    ref_loss, ref_grad = ref_loss.detach(), ref_x.grad  # keep only the reference's results
+    del ref_x
+
     x = logits.clone().requires_grad_(True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     loss = chunked_cross_entropy(x, target)
+    torch.cuda.synchronize()
+    forward_extra = torch.cuda.max_memory_allocated() - before
     (loss * weights).sum().backward()
     torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
+    total_extra = torch.cuda.max_memory_allocated() - before
 
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), rtol=2e-2, atol=1e-7)
+    torch.testing.assert_close(x.grad.float(), ref_grad.float(), rtol=2e-2, atol=1e-7)
     fp32_copy = rows * vocab * 4
-    # Gradient buffer (bf16, the size of the logits) plus chunk temporaries: well under fp32.
-    assert extra < 0.8 * fp32_copy, f"allocated {extra / 2**30:.2f} GiB beyond the inputs"
+    # Forward: the bf16 gradient buffer (half an fp32 copy) plus one chunk's temporaries; the
+    # plain path keeps an fp32 copy and an fp32 softmax (two fp32 copies) at this point.
+    assert forward_extra < 0.8 * fp32_copy, f"forward: {forward_extra / 2**30:.2f} GiB extra"
+    # With the backward (x.grad may be a copy of that buffer): still under 1.5 fp32 copies.
+    assert total_extra < 1.5 * fp32_copy, f"forward+backward: {total_extra / 2**30:.2f} GiB extra"
 
 
 @pytest.fixture(scope="module")

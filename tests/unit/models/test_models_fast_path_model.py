@@ -95,9 +95,22 @@ def worker(rank: int) -> dict:
             plain["state"],
             True,
         )
+        compiled = _compiled_by_builder(
+            replace(model_cfg, compile_layers="on"), parallel, precision
+        )
     finally:
         destroy_parallel()
-    return {"plain": plain, "fast": fast}
+    return {"plain": plain, "fast": fast, "compiled_by_builder": compiled}
+
+
+def _compiled_by_builder(model_cfg, parallel, precision) -> list[bool]:
+    """compile_layers=on wraps every layer's forward in torch.compile (lazily: nothing runs)."""
+    from megatron_ext.models.builder import build_model
+
+    chunks = build_model(model_cfg, parallel, precision, "cpu")
+    return [
+        hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in chunks[0].decoder.layers
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +128,11 @@ def runs():
 
 
 @pytest.mark.timeout(300)
-def test_fast_path_uses_chunked_loss_model(runs):
+def test_fast_path_uses_chunked_loss_model_and_compiled_layers(runs):
     for rank in runs:
         assert rank["plain"]["class"] == "GPTModel"
         assert rank["fast"]["class"] == "ChunkedLossGPTModel"
+        assert rank["compiled_by_builder"] == [True, True]
 
 
 @pytest.mark.timeout(300)
