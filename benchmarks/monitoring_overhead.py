@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.data.batches import split_micro_batches
+
 SETUPS = {"none": None, "stats_off": 0, "every_100": 100, "every_1": 1}
 
 
@@ -101,16 +103,7 @@ class _Trainer:
         tokens = torch.randint(
             0, 8192, (a.num_microbatches * a.micro_batch_size, a.seq_length + 1), generator=self.gen
         )
-        mbs = a.micro_batch_size
-        return [
-            {
-                "tokens": tokens[i : i + mbs, :-1],
-                "labels": tokens[i : i + mbs, 1:],
-                "loss_mask": torch.ones(mbs, a.seq_length),
-                "position_ids": torch.arange(a.seq_length).expand(mbs, a.seq_length),
-            }
-            for i in range(0, tokens.shape[0], mbs)
-        ]
+        return split_micro_batches(tokens, a.micro_batch_size)
 
     def sync(self) -> None:
         if self.ctx.device == "cuda":

@@ -133,6 +133,30 @@ def get_step_batch(
     return micro_batches
 
 
+def split_micro_batches(
+    rows: torch.Tensor, micro_batch_size: int, loss_mask: torch.Tensor | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of ``rows`` (``[n, L + 1]`` token ids, each row one sequence plus the token
+    after it): inputs, labels shifted by one, the loss mask (all ones unless given, ``[n, L]``)
+    and positions ``0..L-1``. For callers that already hold token rows (tools, benchmarks, tests).
+    """
+    count, width = rows.shape
+    if count % micro_batch_size:
+        raise ValueError(f"{count} rows do not split into micro-batches of {micro_batch_size}")
+    seq_length = width - 1
+    mask = torch.ones(count, seq_length) if loss_mask is None else loss_mask
+    positions = torch.arange(seq_length).expand(micro_batch_size, seq_length)
+    return [
+        {
+            "tokens": rows[i : i + micro_batch_size, :-1],
+            "labels": rows[i : i + micro_batch_size, 1:],
+            "loss_mask": mask[i : i + micro_batch_size],
+            "position_ids": positions,
+        }
+        for i in range(0, count, micro_batch_size)
+    ]
+
+
 def get_eval_batches(
     stream: TokenStream,
     num_batches: int,

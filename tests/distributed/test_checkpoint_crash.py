@@ -76,19 +76,12 @@ class _Run:
     def train(self, step: int) -> tuple[float, float]:
         import torch
 
+        from megatron_ext.data.batches import split_micro_batches
         from megatron_ext.training.step import train_step
 
         gen = torch.Generator().manual_seed(step)
         tokens = torch.randint(0, self.vocab, (4, SEQ + 1), generator=gen)
-        batches = [
-            {
-                "tokens": tokens[i : i + 2, :-1],
-                "labels": tokens[i : i + 2, 1:],
-                "loss_mask": torch.ones(2, SEQ),
-                "position_ids": torch.arange(SEQ).expand(2, SEQ),
-            }
-            for i in (0, 2)
-        ]
+        batches = split_micro_batches(tokens, 2)
         result = train_step(
             self.model,
             self.optimizer,

@@ -33,6 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.data.batches import split_micro_batches
+
 SEQ, MICRO_BATCH, NUM_MICRO, TRAIN_STEPS = 32, 2, 2, 4
 VOCAB = 500
 TRAIN_LANGS = (
@@ -239,15 +241,7 @@ def worker(rank: int, ports: list[int], root: str) -> None:
 
 # ---- the parent: inputs, the spawn, the checks -----------------------------------------------
 def _micro_batches(ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    return [
-        {
-            "tokens": ids[i : i + MICRO_BATCH, :-1],
-            "labels": ids[i : i + MICRO_BATCH, 1:],
-            "loss_mask": torch.ones(MICRO_BATCH, SEQ),
-            "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ),
-        }
-        for i in range(0, ids.shape[0], MICRO_BATCH)
-    ]
+    return split_micro_batches(ids, MICRO_BATCH)
 
 
 def _train_tokenizer(root: Path) -> Path:

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.data.batches import split_micro_batches
+
 GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 8, 2, 32, 4000
 SITES = ("attention", "mlp", "residual")
 
@@ -36,15 +38,7 @@ def _global_batch() -> torch.Tensor:
 
 
 def _micro_batches(tokens: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    return [
-        {
-            "tokens": tokens[i : i + MICRO_BATCH, :-1],
-            "labels": tokens[i : i + MICRO_BATCH, 1:],
-            "loss_mask": torch.ones(MICRO_BATCH, SEQ),
-            "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ),
-        }
-        for i in range(0, tokens.shape[0], MICRO_BATCH)
-    ]
+    return split_micro_batches(tokens, MICRO_BATCH)
 
 
 def _env(rank: int, world: int, port: int) -> None:

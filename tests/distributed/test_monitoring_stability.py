@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.data.batches import split_micro_batches
+
 GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 4, 1, 32, 4000
 STEPS = 8
 
@@ -34,15 +36,7 @@ def _micro_batches(step: int, dp_rank: int, dp: int) -> list[dict[str, torch.Ten
     tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
     per_rank = GLOBAL_BATCH // dp
     mine = tokens[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    return [
-        {
-            "tokens": mine[i : i + MICRO_BATCH, :-1],
-            "labels": mine[i : i + MICRO_BATCH, 1:],
-            "loss_mask": torch.ones(MICRO_BATCH, SEQ),
-            "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ),
-        }
-        for i in range(0, per_rank, MICRO_BATCH)
-    ]
+    return split_micro_batches(mine, MICRO_BATCH)
 
 
 def _plant(step: int, model: torch.nn.Module, dp_rank: int) -> list:

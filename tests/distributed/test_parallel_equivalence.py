@@ -54,7 +54,7 @@ def _global_batches() -> list[torch.Tensor]:
 def _train(rank, tp, pp, vpp, sp, dtype, micro_batch, ckpt_dir, save_initial):
     from megatron.core import dist_checkpointing, parallel_state
 
-    from megatron_ext.data.batches import rank_sequence_range
+    from megatron_ext.data.batches import rank_sequence_range, split_micro_batches
     from megatron_ext.models.builder import build_model
     from megatron_ext.parallel.init import destroy_parallel, initialize_parallel
     from megatron_ext.training.optimizer import (
@@ -88,16 +88,7 @@ def _train(rank, tp, pp, vpp, sp, dtype, micro_batch, ckpt_dir, save_initial):
         first, count = rank_sequence_range(GLOBAL_BATCH, micro_batch, ctx.dp_rank, ctx.layout.dp)
         history = []
         for tokens in _global_batches():
-            mine = tokens[first : first + count]
-            micro_batches = [
-                {
-                    "tokens": mine[i : i + micro_batch, :-1],
-                    "labels": mine[i : i + micro_batch, 1:],
-                    "loss_mask": torch.ones(micro_batch, SEQ),
-                    "position_ids": torch.arange(SEQ).expand(micro_batch, SEQ),
-                }
-                for i in range(0, count, micro_batch)
-            ]
+            micro_batches = split_micro_batches(tokens[first : first + count], micro_batch)
             result = train_step(
                 ddp,
                 optimizer,

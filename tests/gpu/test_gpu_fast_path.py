@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_ext.data.batches import split_micro_batches
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -76,14 +78,7 @@ def parallel_context():
 def _micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(50 + step)
     tokens = torch.randint(1, VOCAB, (MICRO_BATCH, SEQ + 1), generator=gen)
-    return [
-        {
-            "tokens": tokens[:, :-1],
-            "labels": tokens[:, 1:],
-            "loss_mask": torch.ones(MICRO_BATCH, SEQ),
-            "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ),
-        }
-    ]
+    return split_micro_batches(tokens, MICRO_BATCH)
 
 
 def _train(ctx, parallel, model_cfg, precision, state):

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.data.batches import split_micro_batches
+
 SEQ, MICRO_BATCH, VOCAB = 32, 2, 500
 
 
@@ -25,15 +27,7 @@ def _micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
     tokens = torch.randint(1, VOCAB, (2 * MICRO_BATCH, SEQ + 1), generator=gen)
     loss_mask = torch.ones(2 * MICRO_BATCH, SEQ)
     loss_mask[0, :5] = 0.0
-    return [
-        {
-            "tokens": tokens[i : i + MICRO_BATCH, :-1],
-            "labels": tokens[i : i + MICRO_BATCH, 1:],
-            "loss_mask": loss_mask[i : i + MICRO_BATCH],
-            "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ),
-        }
-        for i in range(0, 2 * MICRO_BATCH, MICRO_BATCH)
-    ]
+    return split_micro_batches(tokens, MICRO_BATCH, loss_mask)
 
 
 def _train(ctx, model_cfg, parallel, precision, state, compile_layers: bool) -> dict:
