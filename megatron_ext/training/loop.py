@@ -178,6 +178,7 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
         cfg.monitoring, Path(cfg.run_dir), ctx, run.model, cfg.model, run_config=to_dict(cfg)
     )
     preemption = PreemptionHandler()
+    eval_batches = _eval_batches(cfg, run)
     progress = run.progress
     start_step = progress.step
     first_loss = last_loss = val_loss = None
@@ -208,25 +209,15 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
             first_loss = result.loss if first_loss is None else first_loss
             last_loss = result.loss
             step = progress.step
-            evaluated = _eval_due(cfg, step) or is_done(cfg.schedule, progress)
+            done = is_done(cfg.schedule, progress)
+            evaluated = _eval_due(cfg, step) or done
             if evaluated:
-                val_loss = _evaluate(cfg, run, is_last_stage, pp_group)
+                val_loss = _evaluate(cfg, run, eval_batches, is_last_stage, pp_group)
             record = monitor.end_step(
                 step,
-                {
-                    "consumed_tokens": progress.consumed_tokens,
-                    "consumed_samples": progress.consumed_samples,
-                    "seq_length": plan.seq_length,
-                    "global_batch_size": plan.global_batch_size,
-                    "num_microbatches": plan.num_microbatches,
-                    "loss": result.loss,
-                    "grad_norm": result.grad_norm,
-                    "lr": lr,
-                    "loss_scale": loss_scale,
-                    "skipped": result.skipped,
-                    "num_tokens": plan.num_tokens,
-                    "val_loss": val_loss if evaluated else None,
-                },
+                _step_scalars(
+                    plan, progress, result, lr, loss_scale, val_loss if evaluated else None
+                ),
                 {
                     "step_time": step_time,
                     "data_wait": batch.wait_ms / 1000.0,
@@ -234,14 +225,12 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
                     "optimizer": result.optimizer_s,
                 },
             )
-            if ctx.is_logging_rank and (
-                step % cfg.monitoring.log_interval == 0 or is_done(cfg.schedule, progress)
-            ):
+            if ctx.is_logging_rank and (step % cfg.monitoring.log_interval == 0 or done):
                 logger.info(format_record(record))
             stop = _stop_reason(cfg, monitor, preemption, ctx, step, start_step)
-            is_last = is_done(cfg.schedule, progress) or stop is not None
             preempted = stop == "preempted"
-            if _checkpoint_due(cfg, step) or preempted or (is_last and cfg.checkpoint.save_on_exit):
+            at_exit = (done or stop is not None) and cfg.checkpoint.save_on_exit
+            if _checkpoint_due(cfg, step) or preempted or at_exit:
                 _save(cfg, run, progress)
             if stop is not None:
                 stopped_by = stop
@@ -260,6 +249,24 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
         stopped_by=stopped_by,
         run_dir=cfg.run_dir,
     )
+
+
+def _step_scalars(plan, progress, result, lr: float, loss_scale: float, val_loss) -> dict:
+    """The per-step scalars of metrics.jsonl that the loop knows (the monitor adds the rest)."""
+    return {
+        "consumed_tokens": progress.consumed_tokens,
+        "consumed_samples": progress.consumed_samples,
+        "seq_length": plan.seq_length,
+        "global_batch_size": plan.global_batch_size,
+        "num_microbatches": plan.num_microbatches,
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "lr": lr,
+        "loss_scale": loss_scale,
+        "skipped": result.skipped,
+        "num_tokens": plan.num_tokens,
+        "val_loss": val_loss,
+    }
 
 
 def _eval_due(cfg: ExperimentConfig, step: int) -> bool:
@@ -297,13 +304,12 @@ def _save(cfg: ExperimentConfig, run: _Run, progress: TrainProgress) -> None:
     )
 
 
-@torch.no_grad()
-def _evaluate(cfg: ExperimentConfig, run: _Run, is_last_stage: bool, pp_group) -> float | None:
-    """Mean loss over the fixed validation batches (None when the split has no validation)."""
+def _eval_batches(cfg: ExperimentConfig, run: _Run) -> list | None:
+    """The fixed validation batches, read once (None when the split has no validation part)."""
     if run.streams.valid is None or cfg.training.eval_iters <= 0:
         return None
     ctx = run.ctx
-    batches = get_eval_batches(
+    return get_eval_batches(
         run.streams.valid,
         cfg.training.eval_iters,
         cfg.schedule.global_batch_size,
@@ -312,6 +318,16 @@ def _evaluate(cfg: ExperimentConfig, run: _Run, is_last_stage: bool, pp_group) -
         ctx.layout.dp,
         cfg.schedule.micro_batch_size,
     )
+
+
+@torch.no_grad()
+def _evaluate(
+    cfg: ExperimentConfig, run: _Run, batches: list | None, is_last_stage: bool, pp_group
+) -> float | None:
+    """Mean loss over the fixed validation batches (None without validation data)."""
+    if batches is None:
+        return None
+    ctx = run.ctx
     for chunk in run.model:
         chunk.eval()
     losses = []

@@ -24,7 +24,6 @@ class StepResult:
     loss: float | None
     grad_norm: float | None
     skipped: bool
-    num_zeros: int | None
     forward_backward_s: float = 0.0
     """Forward/backward of all micro-batches, pipeline communication and gradient reduction."""
     optimizer_s: float = 0.0
@@ -106,7 +105,7 @@ def train_step(
     loss_dicts = run_forward_backward(model_chunks, micro_batches, seq_length, device)
     loss = mean_loss(loss_dicts, device, pp_group, is_last_stage)
     forward_backward_s = time.perf_counter() - began
-    result = StepResult(loss, None, True, None, forward_backward_s)
+    result = StepResult(loss, None, True, forward_backward_s)
     found_inf = optimizer.prepare_grads()
     if not found_inf:
         result.grad_norm = float(optimizer.get_grad_norm())
