@@ -15,7 +15,8 @@ import argparse
 import logging
 import sys
 
-from megatron_ext.convert.to_hf import DTYPES, convert_to_hf
+from megatron_ext.convert.to_hf import convert_to_hf
+from megatron_ext.models.config import TORCH_DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--iteration", type=int, default=None, help="step to export (default: latest)"
     )
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default="fp32", help="weight dtype written"
+        "--dtype", choices=list(TORCH_DTYPES), default="fp32", help="weight dtype written"
     )
     parser.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB"

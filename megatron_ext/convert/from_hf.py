@@ -44,14 +44,12 @@ from megatron_ext.convert.megatron_model import (
     single_process_megatron,
 )
 from megatron_ext.convert.run_files import CONFIG_FILE, TOKENIZER_DIR, write_hf_tokenizer
-from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.config import TORCH_DTYPES, ModelConfig
 
 logger = logging.getLogger(__name__)
 
 _ITER_DIR = re.compile(r"^iter_\d{7}$")
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 # megatron-core local-spec module names of the stored per-layer tensors.
 _LOCAL_LAYER_NAMES = {
     llama.QKV_NORM: "input_layernorm.weight",
@@ -87,8 +85,8 @@ def convert_from_hf(
     degree training will use (it decides the vocabulary padding); ``seq_length`` defaults to the
     model's ``max_position_embeddings``; ``dtype`` is the stored dtype of the weights.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
     source = Path(hf_dir)
     config_file = source / "config.json"
     if not config_file.is_file():
@@ -138,7 +136,7 @@ def convert_from_hf(
         with single_process_megatron():
             chunk = build_single_model(model, padded)
             fill_model(chunk, weights, model, padded)
-            chunk.to(_DTYPES[dtype])
+            chunk.to(TORCH_DTYPES[dtype])
             save_checkpoint_model(chunk, work / "model")
         for item in (work / "model").iterdir():
             os.replace(item, work / item.name)

@@ -34,11 +34,10 @@ from megatron_ext.convert.run_files import (
     run_model,
     write_hf_tokenizer,
 )
-from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.config import TORCH_DTYPES, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _MODEL_ROOTS = ("embedding.", "decoder.", "output_layer.")
 _UNREPRESENTABLE = {
@@ -66,8 +65,8 @@ def convert_to_hf(
     files or ``tokenizer.model``, or a SentencePiece ``.model`` file). Returns the output path.
     Raises ValueError for anything that cannot be exported exactly.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
     shard_bytes = parse_size(max_shard_size)
     output = Path(output_dir)
     if output.exists() and any(output.iterdir()) and not overwrite:
@@ -88,7 +87,7 @@ def convert_to_hf(
     try:
         special = _export_tokenizer(tokenizer_source, work, model.config)
         _write_configs(work, model.config, dtype, special)
-        _write_weights(reader, prefix, model, work, DTYPES[dtype], shard_bytes)
+        _write_weights(reader, prefix, model, work, TORCH_DTYPES[dtype], shard_bytes)
         _move_into_place(work, output)
     finally:
         shutil.rmtree(work, ignore_errors=True)

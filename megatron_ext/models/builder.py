@@ -12,13 +12,11 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.models.config import ModelConfig, PrecisionConfig
+from megatron_ext.models.config import TORCH_DTYPES, ModelConfig, PrecisionConfig
 from megatron_ext.models.fast_path import apply_fast_path, resolve_fast_path
 from megatron_ext.models.fused_loss import ChunkedLossGPTModel
 from megatron_ext.models.specs import get_block_spec, get_layer_spec, resolve_backend
 from megatron_ext.parallel.config import ParallelConfig
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_transformer_config(
@@ -29,7 +27,7 @@ def build_transformer_config(
 ) -> TransformerConfig:
     """Translate megatron_ext's model, parallel and precision settings for megatron-core."""
     backend = resolve_backend(model.transformer_impl, device)
-    dtype = _DTYPES[precision.dtype]
+    dtype = TORCH_DTYPES[precision.dtype]
     on_gpu = device == "cuda"
     recompute = None if model.recompute_granularity == "none" else model.recompute_granularity
     fp8_kwargs = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from megatron_ext.config.errors import ProblemCollector
 
 
@@ -116,6 +118,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The torch dtype of each ``PrecisionConfig.dtype`` (and of converter ``--dtype``) name."""
 
 
 @dataclass(kw_only=True)

@@ -10,7 +10,7 @@ from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 
 from megatron_ext.config.errors import ProblemCollector
-from megatron_ext.models.config import PrecisionConfig
+from megatron_ext.models.config import TORCH_DTYPES, PrecisionConfig
 from megatron_ext.parallel.config import ParallelConfig
 
 
@@ -101,9 +101,7 @@ def build_optimizer(
         clip_grad=optim.clip_grad,
         bf16=precision.dtype == "bf16",
         fp16=precision.dtype == "fp16",
-        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            precision.dtype
-        ],
+        params_dtype=TORCH_DTYPES[precision.dtype],
         initial_loss_scale=precision.initial_loss_scale,
         min_loss_scale=precision.min_loss_scale,
         loss_scale_window=precision.loss_scale_window,
