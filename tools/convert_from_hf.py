@@ -17,6 +17,7 @@ import logging
 import sys
 
 from megatron_ext.convert.from_hf import convert_from_hf
+from megatron_ext.models.config import TORCH_DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model.seq_length (default: max_position_embeddings)",
     )
     parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="stored weight dtype"
+        "--dtype", choices=list(TORCH_DTYPES), default="fp32", help="stored weight dtype"
     )
     parser.add_argument(
         "--tokenizer", default=None, help="tokenizer to carry over (default: the one in --hf-dir)"

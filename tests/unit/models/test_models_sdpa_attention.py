@@ -27,9 +27,7 @@ def _reference(q, k, v, causal: bool):
     return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
 
-@pytest.mark.parametrize("heads,groups", [(8, 2), (4, 4), (6, 1)])
-def test_sdpa_matches_reference_causal_gqa(heads, groups):
-    d, s, b = 16, 24, 3
+def _attention(heads: int, groups: int, d: int, mask_type: AttnMaskType) -> SDPACoreAttention:
     config = TransformerConfig(
         num_layers=1,
         hidden_size=heads * d,
@@ -39,11 +37,23 @@ def test_sdpa_matches_reference_causal_gqa(heads, groups):
         use_cpu_initialization=True,
         attention_dropout=0.0,
     )
-    attention = SDPACoreAttention(config, 1, AttnMaskType.causal, "self")
-    generator = torch.Generator().manual_seed(heads * 10 + groups)
+    return SDPACoreAttention(config, 1, mask_type, "self")
+
+
+def _inputs(heads: int, groups: int, d: int, s: int, b: int, seed: int):
+    """Query ``[s, b, heads, d]``, key and value ``[s, b, groups, d]``."""
+    generator = torch.Generator().manual_seed(seed)
     q = torch.randn(s, b, heads, d, generator=generator)
     k = torch.randn(s, b, groups, d, generator=generator)
     v = torch.randn(s, b, groups, d, generator=generator)
+    return q, k, v
+
+
+@pytest.mark.parametrize("heads,groups", [(8, 2), (4, 4), (6, 1)])
+def test_sdpa_matches_reference_causal_gqa(heads, groups):
+    d, s, b = 16, 24, 3
+    attention = _attention(heads, groups, d, AttnMaskType.causal)
+    q, k, v = _inputs(heads, groups, d, s, b, seed=heads * 10 + groups)
     out = attention(q, k, v, attention_mask=None)
     expected = _reference(q, k, v, causal=True)
     assert out.shape == (s, b, heads * d)
@@ -60,20 +70,8 @@ def test_sdpa_matches_reference_causal_gqa(heads, groups):
 def test_explicit_mask_uses_megatron_convention():
     """megatron-core masks are True where attention is forbidden."""
     heads, groups, d, s, b = 4, 2, 8, 10, 2
-    config = TransformerConfig(
-        num_layers=1,
-        hidden_size=heads * d,
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        kv_channels=d,
-        use_cpu_initialization=True,
-        attention_dropout=0.0,
-    )
-    attention = SDPACoreAttention(config, 1, AttnMaskType.padding, "self")
-    generator = torch.Generator().manual_seed(7)
-    q = torch.randn(s, b, heads, d, generator=generator)
-    k = torch.randn(s, b, groups, d, generator=generator)
-    v = torch.randn(s, b, groups, d, generator=generator)
+    attention = _attention(heads, groups, d, AttnMaskType.padding)
+    q, k, v = _inputs(heads, groups, d, s, b, seed=7)
     causal_mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).expand(b, 1, s, s)
     out = attention(q, k, v, attention_mask=causal_mask)
     torch.testing.assert_close(out.double(), _reference(q, k, v, causal=True), rtol=1e-5, atol=1e-5)
