@@ -18,6 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_ext.training.schedule_config import ScheduleConfig
+
+# Warmup over 2 steps to 1e-3, then cosine to 1e-4 at step 10, built as the training loop builds it.
+SCHEDULE = ScheduleConfig(lr=1e-3, min_lr_ratio=0.1, lr_warmup_steps=2, train_steps=10)
 BIG = {
     "num_layers": 4,
     "hidden_size": 512,
@@ -46,6 +50,7 @@ class _Run:
             build_optimizer,
             wrap_ddp,
         )
+        from megatron_ext.training.schedules import megatron_scheduler_kwargs
 
         torch.manual_seed(seed)
         parallel = ParallelConfig(device="cpu")
@@ -58,17 +63,7 @@ class _Run:
         )
         attach_schedule_hooks(self.model, self.optimizer, parallel)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=1e-3,
-            min_lr=1e-4,
-            lr_warmup_steps=2,
-            lr_decay_steps=10,
-            lr_decay_style="cosine",
-            start_wd=0.1,
-            end_wd=0.1,
-            wd_incr_steps=10,
-            wd_incr_style="constant",
+            self.optimizer, **megatron_scheduler_kwargs(SCHEDULE, weight_decay=0.1)
         )
         self.vocab = model_cfg.vocab_size
         self.config = {"seed": 1234, "model": dict(model_fields), "schedule": {"train_steps": 10}}

@@ -25,7 +25,10 @@ import pytest
 import torch
 
 from megatron_ext.data.batches import split_micro_batches
+from megatron_ext.training.schedule_config import ScheduleConfig
 
+# Warmup over 2 steps to 1e-3, then cosine to 1e-4 at step 10, built as the training loop builds it.
+SCHEDULE = ScheduleConfig(lr=1e-3, min_lr_ratio=0.1, lr_warmup_steps=2, train_steps=10)
 GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 8, 1, 32, 4000
 PHASES = [  # (tp, pp, ranks taking part, model seed)
     (2, 2, 8, 1234),
@@ -60,6 +63,7 @@ class _Trainer:
             build_optimizer,
             wrap_ddp,
         )
+        from megatron_ext.training.schedules import megatron_scheduler_kwargs
 
         self.parallel = ParallelConfig(
             device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
@@ -73,17 +77,7 @@ class _Trainer:
         )
         attach_schedule_hooks(self.model, self.optimizer, self.parallel)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=1e-3,
-            min_lr=1e-4,
-            lr_warmup_steps=2,
-            lr_decay_steps=10,
-            lr_decay_style="cosine",
-            start_wd=0.1,
-            end_wd=0.1,
-            wd_incr_steps=10,
-            wd_incr_style="constant",
+            self.optimizer, **megatron_scheduler_kwargs(SCHEDULE, weight_decay=0.1)
         )
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.step = 0
