@@ -18,8 +18,10 @@ How it runs (see ``preprocess_reader`` for the tasks):
 Per document and key, the ids of each sentence form one sequence, the end-of-document id is
 appended to the last one with ``append_eod`` (as Megatron-LM's ``preprocess_data.py`` does),
 and ids are stored as uint16 when the vocabulary has at most 65,536 ids, else int32.
-Workers are spawned, so they import the caller's main module: call ``preprocess`` with
-``workers > 1`` from under ``if __name__ == "__main__":`` in a script (the tools do).
+Workers are forked while the calling process runs no other Python thread (they start at once
+and share its loaded tokenizer) and spawned otherwise; spawned workers import the caller's main
+module, so call ``preprocess`` with ``workers > 1`` from under ``if __name__ == "__main__":`` in
+a script (the tools do).
 Bad records are counted per reason with their line numbers and skipped, or stop the run with
 ``strict`` (``BadInputError``); either way the output is complete or absent, never partial.
 """
@@ -35,6 +37,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -58,6 +61,7 @@ from megatron_ext.tokenizer.loading import load_tokenizer
 logger = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 5
+START_METHODS = ("auto", "fork", "spawn")
 
 
 @dataclass
@@ -110,13 +114,16 @@ class _WorkerSettings:
     scratch_dir: str
 
 
-# Per-process state of a pool worker: the tokenizer is loaded once by the pool initializer.
+# Per-process state of a pool worker: the pool initializer sets the tokenizer once.
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(settings: _WorkerSettings) -> None:
+def _init_worker(settings: _WorkerSettings, tokenizer: Any) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER["settings"] = settings
+    if tokenizer is not None:  # inherited from the parent (fork)
+        _WORKER["tokenizer"] = tokenizer
+        return
     try:
         _WORKER["tokenizer"] = load_tokenizer(settings.tokenizer_type, settings.tokenizer_model)
     except Exception as exc:  # reported by the first task: a failing initializer is respawned
@@ -162,26 +169,27 @@ def _run_task(task: InputTask) -> TaskResult:
 
 
 def _write_batch(batch, tokenizer, writers, settings: _WorkerSettings) -> int:
-    """Tokenize one batch of documents per key and append it; returns the token count."""
+    """Tokenize one batch of documents per key and append it; returns the token count.
+
+    Each non-empty sentence becomes one sequence; with ``append_eod`` the end-of-document id
+    ends the last sequence of each document.
+    """
     num_tokens = 0
     for key_index, writer in enumerate(writers):
         sentences = [doc[key_index] for doc in batch]
-        flat = list(itertools.chain.from_iterable(sentences))
-        encoded = iter(tokenizer.tokenize_batch(flat))
-        seq_lengths: list[int] = []
-        seqs_per_doc: list[int] = []
-        kept: list[list[int]] = []
-        for doc in sentences:
-            doc_ids = [ids for ids in (next(encoded) for _ in doc) if ids]
-            if doc_ids and settings.append_eod:
-                doc_ids[-1] = [*doc_ids[-1], tokenizer.eod]
-            kept.extend(doc_ids)
-            seq_lengths.extend(len(ids) for ids in doc_ids)
-            seqs_per_doc.append(len(doc_ids))
-        total = sum(seq_lengths)
-        ids = np.fromiter(itertools.chain.from_iterable(kept), dtype=writer.dtype, count=total)
-        writer.add_batch(ids, np.asarray(seq_lengths, np.int32), np.asarray(seqs_per_doc, np.int64))
-        num_tokens += total
+        ids, lengths = tokenizer.tokenize_flat(list(itertools.chain.from_iterable(sentences)))
+        per_doc = np.fromiter(map(len, sentences), np.int64, len(sentences))
+        kept = lengths > 0
+        seq_lengths = lengths[kept]
+        seqs_per_doc = np.bincount(
+            np.repeat(np.arange(len(sentences)), per_doc)[kept], minlength=len(sentences)
+        )
+        if settings.append_eod:
+            last = (np.cumsum(seqs_per_doc) - 1)[seqs_per_doc > 0]
+            ids = np.insert(ids, np.cumsum(seq_lengths)[last], tokenizer.eod)
+            seq_lengths[last] += 1
+        writer.add_batch(ids.astype(writer.dtype), seq_lengths, seqs_per_doc)
+        num_tokens += int(ids.size)
     return num_tokens
 
 
@@ -200,19 +208,24 @@ def preprocess(
     batch_docs: int = 256,
     dtype: str | None = None,
     progress: bool = True,
+    start_method: str = "auto",
 ) -> PreprocessResult:
     """Tokenize ``inputs`` (JSONL files or globs; plain, .gz, .zst) into indexed datasets.
 
     Writes ``{output_prefix}_{key}_document.bin/.idx`` per JSON key and
     ``{output_prefix}_preprocess_stats.json``. ``workers`` <= 1 runs in this process.
-    ``dtype`` ("uint16" / "int32") overrides the choice by vocabulary size.
+    ``dtype`` ("uint16" / "int32") overrides the choice by vocabulary size. ``start_method``
+    ("auto", "fork", "spawn") is how worker processes start (see ``_start_method``).
     """
+    start = time.perf_counter()
     if isinstance(inputs, str):
         inputs = [inputs]
     if not json_keys or len(set(json_keys)) != len(json_keys):
         raise ValueError(f"json_keys must be distinct and non-empty, got {list(json_keys)}")
     if batch_docs < 1:
         raise ValueError(f"batch_docs must be positive, got {batch_docs}")
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {list(START_METHODS)}, got {start_method!r}")
     paths = expand_inputs(list(inputs))
     tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
     chosen = np.dtype(dtype) if dtype else dtype_for_vocab(tokenizer.vocab_size)
@@ -235,14 +248,33 @@ def preprocess(
         chosen.name,
         scratch,
     )
-    writers = {key: IndexedDatasetWriter(prefix, chosen) for key, prefix in prefixes.items()}
-    report = BadInputReport(max_examples=MAX_EXAMPLES)
-    meter = _Progress(progress)
     try:
-        lines_seen: dict[str, int] = {}
-        results = _run_tasks(plan_tasks(paths, chunk_bytes), settings, workers, tokenizer)
+        # The pool first: forked workers then inherit no output files and no progress thread.
+        with _worker_pool(settings, workers, tokenizer, start_method) as pool:
+            tasks = _run_tasks(plan_tasks(paths, chunk_bytes), settings, pool, workers, tokenizer)
+            meter = _write_outputs(tasks, prefixes, chosen, progress, start)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    outcome = PreprocessResult(
+        prefixes, meter.docs, meter.tokens, meter.bytes, meter.elapsed(), chosen.name, meter.report
+    )
+    _write_stats(output_prefix, outcome, paths, tokenizer_type, tokenizer_model, append_eod)
+    return outcome
+
+
+def _write_outputs(
+    results: Iterator[TaskResult],
+    prefixes: dict[str, str],
+    dtype: np.dtype,
+    progress: bool,
+    start: float,
+) -> _Progress:
+    """Appends every task's result to the outputs; returns the counts (no outputs on error)."""
+    writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in prefixes.items()}
+    meter = _Progress(progress, start)
+    try:
         with contextlib.closing(results):
-            _collect(results, writers, report, meter, lines_seen)
+            _collect(results, writers, meter)
         for writer in writers.values():
             writer.finalize()
     except BaseException:
@@ -251,26 +283,18 @@ def preprocess(
         raise
     finally:
         meter.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-    outcome = PreprocessResult(
-        prefixes, meter.docs, meter.tokens, meter.bytes, meter.elapsed(), chosen.name, report
-    )
-    _write_stats(output_prefix, outcome, paths, tokenizer_type, tokenizer_model, append_eod)
-    return outcome
+    return meter
 
 
 def _collect(
-    results: Iterator[TaskResult],
-    writers: dict[str, IndexedDatasetWriter],
-    report: BadInputReport,
-    meter: _Progress,
-    lines_seen: dict[str, int],
+    results: Iterator[TaskResult], writers: dict[str, IndexedDatasetWriter], meter: _Progress
 ) -> None:
     """Append each task's parts to the outputs, in order; raise on a fatal bad record."""
+    lines_seen: dict[str, int] = {}
     for result in results:
         first = lines_seen.get(result.path, 0)
         lines_seen[result.path] = first + result.num_lines
-        _add_bad_input(report, result, first)
+        _add_bad_input(meter.report, result, first)
         if result.fatal is not None:
             line, reason, detail = result.fatal
             raise BadInputError(result.path, first + line, reason, detail)
@@ -281,11 +305,48 @@ def _collect(
         meter.update(result)
 
 
-def _run_tasks(
-    tasks: Iterator[InputTask], settings: _WorkerSettings, workers: int, tokenizer: Any
-) -> Iterator[TaskResult]:
-    """Results in task order, with at most ``2 * workers`` tasks submitted and not yet taken."""
+def _start_method(requested: str) -> str:
+    """``requested``, or for "auto": ``fork`` while only the main Python thread runs, else spawn.
+
+    Forked workers start at once and share the tokenizer already loaded here; spawned ones
+    start a new interpreter and load their own. Another Python thread (a progress monitor, a
+    server) may hold a lock at the moment of the fork and leave it held in the child, so then
+    workers are spawned. Native thread pools of the libraries the workers use (OpenBLAS, which
+    numpy starts on import; Hugging Face ``tokenizers``) are reset by those libraries at fork.
+    """
+    if requested != "auto":
+        return requested
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    return "fork" if threading.active_count() == 1 else "spawn"
+
+
+@contextlib.contextmanager
+def _worker_pool(
+    settings: _WorkerSettings, workers: int, tokenizer: Any, start_method: str
+) -> Iterator[Any]:
+    """A pool of ``workers`` processes, or None to run in this process (``workers`` <= 1)."""
     if workers <= 1:
+        yield None
+        return
+    method = _start_method(start_method)
+    shared = tokenizer if method == "fork" else None  # spawned workers load their own
+    context = multiprocessing.get_context(method)
+    pool = context.Pool(workers, initializer=_init_worker, initargs=(settings, shared))
+    logger.debug("preprocess: %d %s workers", workers, method)
+    try:
+        yield pool
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _run_tasks(
+    tasks: Iterator[InputTask], settings: _WorkerSettings, pool: Any, workers: int, tokenizer: Any
+) -> Iterator[TaskResult]:
+    """Results in task order, with at most ``2 x workers`` tasks submitted and not yet taken."""
+    if pool is None:
         _WORKER["settings"], _WORKER["tokenizer"] = settings, tokenizer
         try:
             for task in tasks:
@@ -293,21 +354,13 @@ def _run_tasks(
         finally:
             _WORKER.clear()
         return
-    # spawn: workers start clean (no inherited threads of tokenizer libraries or locks).
-    context = multiprocessing.get_context("spawn")
-    pool = context.Pool(workers, initializer=_init_worker, initargs=(settings,))
-    try:
-        pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(_run_task, (task,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(_run_task, (task,)))
+        if len(pending) >= 2 * workers:
             yield pending.popleft().get()
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _add_bad_input(report: BadInputReport, result: TaskResult, first_line: int) -> None:
@@ -322,11 +375,12 @@ def _add_bad_input(report: BadInputReport, result: TaskResult, first_line: int) 
 
 
 class _Progress:
-    """A tqdm bar over documents, showing docs/s, MB/s and tokens/s."""
+    """Counts and bad input so far, and a tqdm bar over documents (docs/s, MB/s, tokens/s)."""
 
-    def __init__(self, enabled: bool):
-        self.start = time.perf_counter()
+    def __init__(self, enabled: bool, start: float):
+        self.start = start
         self.docs = self.tokens = self.bytes = 0
+        self.report = BadInputReport(max_examples=MAX_EXAMPLES)
         self._bar = None
         if enabled:
             from tqdm import tqdm

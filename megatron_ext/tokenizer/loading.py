@@ -9,6 +9,7 @@ Two kinds, named as in Megatron-LM's ``--tokenizer-type``:
 
 Both give the same small interface: ``tokenize(text) -> list[int]`` (content ids only, never a
 BOS or EOS: ``preprocess`` appends the end-of-document id itself), ``tokenize_batch(texts)``,
+``tokenize_flat(texts)`` (numpy: all ids back to back, and each text's count),
 ``detokenize(ids) -> str``, ``vocab_size``, ``eod``, ``bos`` and ``pad`` (``None`` when the
 vocabulary has none).
 
@@ -20,9 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
+
+from megatron_ext.tokenizer.word_cache import WordCache
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
 
@@ -41,6 +46,8 @@ class Tokenizer(Protocol):
     def tokenize(self, text: str) -> list[int]: ...
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def tokenize_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]: ...
 
     def detokenize(self, ids: Any) -> str: ...
 
@@ -66,55 +73,34 @@ class SentencePieceTokenizer:
         self.pad: int | None = _non_negative(self._sp.pad_id())
         self.unk: int | None = _non_negative(self._sp.unk_id())
 
-        # Word caches (see tokenize_batch): ids of the text before the first space, and of
-        # " " + each part after a space, keyed by the part.
-        self._use_word_cache = _splits_at_spaces(self._sp)
-        self._first_words: dict[str, list[int]] = {}
-        self._spaced_words: dict[str, list[int]] = {}
+        # Word cache (see tokenize_flat), for models where it gives the same ids.
+        self._word_cache: WordCache | None = None
+        if _splits_at_spaces(self._sp):
+            self._word_cache = WordCache(
+                self._encode_many, _MAX_CACHED_WORDS, _MAX_CACHED_WORD_CHARS
+            )
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        """Same ids as ``tokenize`` on each text, faster on text with spaces.
+        """``tokenize`` of each text, computed as ``tokenize_flat``."""
+        return _split_flat(*self.tokenize_flat(texts))
+
+    def tokenize_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of all ``texts`` back to back (same as ``tokenize`` on each) and their counts.
 
         For models whose pieces never hold a space except as their first character and that do
-        not normalise (what ``train_tokenizer`` writes), the ids of a text are the ids of its
-        pieces cut before each space put together, so each distinct word is encoded only once.
+        not normalise (what ``train_tokenizer`` writes), each distinct word is encoded only once
+        (``word_cache.WordCache``); other models encode every text.
         """
-        if not self._use_word_cache:
-            # One C++ call per batch; one thread because preprocessing runs a process per core.
-            return self._sp.encode(texts, out_type=int, num_threads=1)
-        first, spaced = self._first_words, self._spaced_words
-        parts_per_text = [text.split(" ") for text in texts]
-        new_first = {parts[0] for parts in parts_per_text}.difference(first)
-        new_spaced = set(chain.from_iterable(p[1:] for p in parts_per_text)).difference(spaced)
-        self._encode_into(first, new_first, "")
-        self._encode_into(spaced, new_spaced, " ")
-        get = spaced.__getitem__
-        result = []
-        for parts in parts_per_text:
-            ids = list(first[parts[0]])
-            ids.extend(chain.from_iterable(map(get, islice(parts, 1, None))))
-            result.append(ids)
-        self._forget(first, new_first)
-        self._forget(spaced, new_spaced)
-        return result
+        if self._word_cache is None:
+            return _flatten(self._encode_many(texts))
+        return self._word_cache.encode(texts)
 
-    def _encode_into(self, cache: dict[str, list[int]], words: set[str], prefix: str) -> None:
-        if words:
-            order = list(words)
-            encoded = self._sp.encode([prefix + w for w in order], out_type=int, num_threads=1)
-            cache.update(zip(order, encoded))
-
-    @staticmethod
-    def _forget(cache: dict[str, list[int]], new: set[str]) -> None:
-        # Keep new words unless they are long (runs without spaces, e.g. CJK, rarely recur) or
-        # the cache is full: by then it holds the frequent words, which come first.
-        full = len(cache) > _MAX_CACHED_WORDS
-        for word in new:
-            if full or len(word) > _MAX_CACHED_WORD_CHARS:
-                del cache[word]
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        # One C++ call per batch; one thread because preprocessing runs a process per core.
+        return self._sp.encode(texts, out_type=int, num_threads=1)
 
     def detokenize(self, ids: Any) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -179,6 +165,10 @@ class HuggingFaceTokenizer:
         encodings = self._backend.encode_batch_fast(texts, add_special_tokens=False)
         return [e.ids for e in encodings]
 
+    def tokenize_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of all ``texts`` back to back (int32) and each text's id count (int64)."""
+        return _flatten(self.tokenize_batch(texts))
+
     def detokenize(self, ids: Any) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
@@ -219,7 +209,7 @@ def _read_hf_config(directory: Path) -> dict:
     return config
 
 
-_MAX_CACHED_WORDS = 150_000  # per cache; both together take about 60 MB
+_MAX_CACHED_WORDS = 150_000  # per dict; both together take about 40 MB
 _MAX_CACHED_WORD_CHARS = 48
 _SPACE = "\u2581"
 
@@ -235,6 +225,17 @@ def _splits_at_spaces(sp) -> bool:
     pieces = sp.id_to_piece(list(range(sp.get_piece_size())))
     inner_space = [i for i, piece in enumerate(pieces) if _SPACE in piece[1:]]
     return all(sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) for i in inner_space)
+
+
+def _flatten(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    return np.fromiter(chain.from_iterable(encoded), np.int32, int(lengths.sum())), lengths
+
+
+def _split_flat(ids: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    if not lengths.size:
+        return []
+    return [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])]
 
 
 def _non_negative(value: int) -> int | None:

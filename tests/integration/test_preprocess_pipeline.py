@@ -86,9 +86,10 @@ def test_identical_to_megatron_builder_and_across_workers_and_compression(setup,
         builder.add_document(torch.tensor(ids), [len(ids)])
     builder.finalize(str(tmp_path / "ref.idx"))
     expected = file_bytes(str(tmp_path / "ref"))
-    runs = [("docs.jsonl", 1, 1 << 20), ("docs.jsonl", 4, 3000), ("docs.jsonl", 1, 3000)]
-    runs += [("docs.jsonl.gz", 2, 3000), ("docs.jsonl.zst", 1, 1 << 20)]
-    for name, workers, chunk in runs:
+    runs = [("docs.jsonl", 1, 1 << 20, "auto"), ("docs.jsonl", 4, 3000, "fork")]
+    runs += [("docs.jsonl", 1, 3000, "auto"), ("docs.jsonl", 3, 3000, "spawn")]
+    runs += [("docs.jsonl.gz", 2, 3000, "auto"), ("docs.jsonl.zst", 1, 1 << 20, "auto")]
+    for name, workers, chunk, start_method in runs:
         source = root / name if name == "docs.jsonl" else tmp_path / name
         prefix = tmp_path / f"{name}-{workers}-{chunk}"
         result = preprocess(
@@ -101,9 +102,10 @@ def test_identical_to_megatron_builder_and_across_workers_and_compression(setup,
             chunk_bytes=chunk,
             batch_docs=7,
             progress=False,
+            start_method=start_method,
         )
         assert result.num_docs == len(texts)
-        assert file_bytes(f"{prefix}_text_document") == expected, (name, workers, chunk)
+        assert file_bytes(f"{prefix}_text_document") == expected, (name, workers, start_method)
 
 
 def test_bad_input_counted_with_file_line_numbers_or_fatal(setup, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import sentencepiece
 
@@ -12,6 +13,7 @@ from megatron_ext.curation.builtin_corpus import write_builtin_corpus
 from megatron_ext.tokenizer import load_tokenizer
 from megatron_ext.tokenizer.hf_export import export_hf_tokenizer
 from megatron_ext.tokenizer.training import TokenizerTrainingConfig, train_tokenizer
+from megatron_ext.tokenizer.word_cache import WordCache
 
 ALPHABET = [*"ab cd  \t\n€😀中文 xé", "  ", "\u3000", "\u00a0", "<s>", "ﬁ", "Ａ", "١٢", "שלום"]
 
@@ -32,7 +34,7 @@ def test_batches_equal_single_calls_with_the_word_cache(corpus, tmp_path):
     cfg = TokenizerTrainingConfig(vocab_size=1200, num_threads=1, compare_unbalanced=False)
     result = train_tokenizer(str(corpus / "train.jsonl"), tmp_path / "tok", cfg)
     tok = load_tokenizer("SentencePieceTokenizer", result.model_path)
-    assert tok._use_word_cache
+    assert tok._word_cache is not None
     with open(corpus / "train.jsonl", encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f] + random_texts(0, 2000)
     expected = [tok.tokenize(t) for t in texts]
@@ -41,6 +43,30 @@ def test_batches_equal_single_calls_with_the_word_cache(corpus, tmp_path):
             ids for i in range(0, len(texts), 97) for ids in tok.tokenize_batch(texts[i : i + 97])
         ]
         assert got == expected
+
+
+def test_word_cache_that_fills_and_drops_long_words_gives_the_same_ids(corpus, tmp_path):
+    cfg = TokenizerTrainingConfig(vocab_size=1200, num_threads=1, compare_unbalanced=False)
+    result = train_tokenizer(str(corpus / "train.jsonl"), tmp_path / "tok", cfg)
+    tok = load_tokenizer("SentencePieceTokenizer", result.model_path)
+    with open(corpus / "train.jsonl", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f] + random_texts(2, 1000) + ["", " "]
+    cache = WordCache(tok._encode_many, max_words=300, max_word_chars=6)
+    stored = []
+    for start in range(0, len(texts), 61):
+        batch = texts[start : start + 61]
+        ids, lengths = cache.encode(batch)
+        assert ids.dtype == np.int32 and lengths.sum() == ids.size
+        assert _split(ids, lengths) == [tok.tokenize(t) for t in batch]
+        stored.append((cache.num_words, cache._num_ids))
+    # Once both dicts are full the store stops growing: dropped words leave no ids behind.
+    when_full = [ids for words, ids in stored if words == 600]
+    assert len(when_full) >= 5 and len(set(when_full)) == 1, stored
+    assert cache.encode([])[0].size == 0
+
+
+def _split(ids, lengths):
+    return [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])]
 
 
 def test_normalising_model_skips_the_cache_and_is_not_exported(corpus, tmp_path):
@@ -58,7 +84,7 @@ def test_normalising_model_skips_the_cache_and_is_not_exported(corpus, tmp_path)
         minloglevel=2,
     )
     tok = load_tokenizer("SentencePieceTokenizer", str(tmp_path / "nfkc.model"))
-    assert not tok._use_word_cache
+    assert tok._word_cache is None
     texts = random_texts(1, 300)
     assert tok.tokenize_batch(texts) == [tok.tokenize(t) for t in texts]
     with pytest.raises(ValueError, match="identity normalisation"):
