@@ -81,15 +81,15 @@ class WordCache:
     ) -> tuple[np.ndarray, list[str]]:
         """Each word's entry, encoding (and adding entries for) the words not cached."""
         entries = np.fromiter(map(cache.get, words, repeat(-1)), np.int64, len(words))
-        missing = np.flatnonzero(entries < 0).tolist()
-        if not missing:
+        missing = np.flatnonzero(entries < 0)
+        if not missing.size:
             return entries, []
-        new = dict.fromkeys(words[i] for i in missing)  # distinct, in order of appearance
+        missing_words = [words[i] for i in missing.tolist()]
+        new = list(dict.fromkeys(missing_words))  # distinct, in order of appearance
         first_new = self._append(self._encode_many([prefix + word for word in new]))
-        for offset, word in enumerate(new):
-            new[word] = first_new + offset
-        entries[missing] = [new[words[i]] for i in missing]
-        return entries, list(new)
+        numbered = dict(zip(new, range(first_new, first_new + len(new))))
+        entries[missing] = np.fromiter(map(numbered.__getitem__, missing_words), np.int64)
+        return entries, new
 
     def _append(self, encoded: list[list[int]]) -> int:
         """Adds one entry per id list; returns the first new entry."""
@@ -126,10 +126,9 @@ class WordCache:
         """
         keep_first = self._keepers(self._first, new_first)
         keep_spaced = self._keepers(self._spaced, new_spaced)
-        keep = keep_first + [len(new_first) + i for i in keep_spaced]
-        if len(keep) < len(new_first) + len(new_spaced):
+        if keep_first.size + keep_spaced.size < len(new_first) + len(new_spaced):
             # Move the kept entries down over the dropped ones (ids included), in order.
-            entries = kept_entries + np.asarray(keep, np.int64)
+            entries = kept_entries + np.concatenate([keep_first, len(new_first) + keep_spaced])
             ids, lengths = self._gather(entries), self._lengths[entries]
             self._num_entries, self._num_ids = kept_entries, kept_ids
             self._append_arrays(ids, lengths)
@@ -138,14 +137,16 @@ class WordCache:
             (self._first, new_first, keep_first),
             (self._spaced, new_spaced, keep_spaced),
         ):
-            for i in kept:
-                cache[words[i]] = entry
-                entry += 1
+            if kept.size < len(words):
+                words = [words[i] for i in kept.tolist()]
+            cache.update(zip(words, range(entry, entry + len(words))))
+            entry += len(words)
 
-    def _keepers(self, cache: dict[str, int], words: list[str]) -> list[int]:
+    def _keepers(self, cache: dict[str, int], words: list[str]) -> np.ndarray:
+        """Positions in ``words`` of those to remember: short ones, while there is room."""
         room = max(self.max_words - len(cache), 0)
-        limit = self.max_word_chars
-        return [i for i, word in enumerate(words) if len(word) <= limit][:room]
+        short = np.fromiter(map(len, words), np.int64, len(words)) <= self.max_word_chars
+        return np.flatnonzero(short)[:room]
 
 
 def _ensure(array: np.ndarray, size: int) -> np.ndarray:
