@@ -11,9 +11,10 @@ use the same SentencePiece model (65,536 ids, trained on the generated text unle
 Every configuration runs in a fresh child process; the parent samples the resident memory of
 the child and all its workers every 20 ms (peak of the sum, and peak of the main process) and
 checks that both designs wrote the same token ids. Ratios are against the baseline at the same
-worker count in this run. CPU example (a few minutes on 2 cores):
+worker count in this run. The worker sweep runs on the smallest input, the largest worker count
+on every input (memory as input grows). Default (about 5 minutes on 2 cores):
 
-    python benchmarks/preprocess.py --sizes-mb 8 32 --workers 1 2 4
+    python benchmarks/preprocess.py --sizes-mb 32 128 --workers 1 2 4
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def dataset_ids(prefix: str) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[8, 32])
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[32, 128])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--tokenizer-model", default=None)
     parser.add_argument("--workdir", default=None)
