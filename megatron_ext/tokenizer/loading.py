@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from megatron_ext.tokenizer.word_cache import WordCache
+from megatron_ext.tokenizer.word_cache import WordCache, flatten_ids
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
 
@@ -95,7 +94,7 @@ class SentencePieceTokenizer:
         (``word_cache.WordCache``); other models encode every text.
         """
         if self._word_cache is None:
-            return _flatten(self._encode_many(texts))
+            return flatten_ids(self._encode_many(texts))
         return self._word_cache.encode(texts)
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
@@ -167,7 +166,7 @@ class HuggingFaceTokenizer:
 
     def tokenize_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The ids of all ``texts`` back to back (int32) and each text's id count (int64)."""
-        return _flatten(self.tokenize_batch(texts))
+        return flatten_ids(self.tokenize_batch(texts))
 
     def detokenize(self, ids: Any) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -225,11 +224,6 @@ def _splits_at_spaces(sp) -> bool:
     pieces = sp.id_to_piece(list(range(sp.get_piece_size())))
     inner_space = [i for i, piece in enumerate(pieces) if _SPACE in piece[1:]]
     return all(sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) for i in inner_space)
-
-
-def _flatten(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-    return np.fromiter(chain.from_iterable(encoded), np.int32, int(lengths.sum())), lengths
 
 
 def _split_flat(ids: np.ndarray, lengths: np.ndarray) -> list[list[int]]:

@@ -93,9 +93,7 @@ class WordCache:
 
     def _append(self, encoded: list[list[int]]) -> int:
         """Adds one entry per id list; returns the first new entry."""
-        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        ids = np.fromiter(chain.from_iterable(encoded), np.int32, int(lengths.sum()))
-        return self._append_arrays(ids, lengths)
+        return self._append_arrays(*flatten_ids(encoded))
 
     def _append_arrays(self, ids: np.ndarray, lengths: np.ndarray) -> int:
         first = self._num_entries
@@ -147,6 +145,12 @@ class WordCache:
         room = max(self.max_words - len(cache), 0)
         short = np.fromiter(map(len, words), np.int64, len(words)) <= self.max_word_chars
         return np.flatnonzero(short)[:room]
+
+
+def flatten_ids(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Id lists as all ids back to back (int32) and each list's length (int64)."""
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    return np.fromiter(chain.from_iterable(encoded), np.int32, int(lengths.sum())), lengths
 
 
 def _ensure(array: np.ndarray, size: int) -> np.ndarray:
