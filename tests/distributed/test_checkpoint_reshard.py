@@ -15,10 +15,8 @@ computes at those steps; the token position and the LR continue.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -243,15 +241,8 @@ def resharded_runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
     root = tmp_path_factory.mktemp("reshard")
-    # Spawned children import this module by name; pytest's importlib mode does not make it
-    # importable, so put its directory on the path and spawn the function from that import.
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        module = importlib.import_module(Path(__file__).stem)
-        ports = _listen_ports(len(PHASES))
-        mp.spawn(module.worker, args=(ports, str(root)), nprocs=8, join=True)
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
+    ports = _listen_ports(len(PHASES))
+    mp.spawn(worker, args=(ports, str(root)), nprocs=8, join=True)
     results = [json.loads((root / f"phase{i}.json").read_text()) for i in range(len(PHASES))]
     return root, results
 

@@ -22,10 +22,8 @@ training tokenizer's ids on held-out text in other languages.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -327,15 +325,8 @@ def runs(tmp_path_factory):
         },
     }
     torch.save(inputs, root / "inputs.pt")
-    # Spawned children import this module by name; pytest's importlib mode does not make it
-    # importable, so put its directory on the path and spawn the function from that import.
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        module = importlib.import_module(Path(__file__).stem)
-        ports = [find_free_port(), find_free_port()]
-        mp.spawn(module.worker, args=(ports, str(root)), nprocs=4, join=True)
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
+    ports = [find_free_port(), find_free_port()]
+    mp.spawn(worker, args=(ports, str(root)), nprocs=4, join=True)
     return root, inputs, tokenizer_dir
 
 

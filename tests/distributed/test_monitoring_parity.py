@@ -16,11 +16,9 @@ checks that the per-layer gradient norms add up to the optimizer's global gradie
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -212,15 +210,8 @@ def parity_runs(tmp_path_factory):
     from megatron_ext.parallel.init import find_free_port
 
     root = tmp_path_factory.mktemp("monitoring_parity")
-    # Spawned children import this module by name; pytest's importlib mode does not make it
-    # importable, so put its directory on the path and spawn the function from that import.
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        module = importlib.import_module(Path(__file__).stem)
-        ports = [find_free_port(), find_free_port()]
-        mp.spawn(module.worker, args=(ports, str(root)), nprocs=8, join=True)
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
+    ports = [find_free_port(), find_free_port()]
+    mp.spawn(worker, args=(ports, str(root)), nprocs=8, join=True)
     reference = json.loads((root / "reference.json").read_text())
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(8)]
     return root, reference, ranks

@@ -15,11 +15,9 @@ offline run file (read back with their own readers) hold the logged scalars.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -161,12 +159,7 @@ def demo_run(tmp_path_factory):
     from megatron_ext.parallel.init import find_free_port
 
     root = tmp_path_factory.mktemp("monitoring_demo")
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        module = importlib.import_module(Path(__file__).stem)
-        mp.spawn(module.worker, args=(find_free_port(), str(root)), nprocs=2, join=True)
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
+    mp.spawn(worker, args=(find_free_port(), str(root)), nprocs=2, join=True)
     outcomes = [json.loads((root / f"outcomes{r}.json").read_text()) for r in range(2)]
     return root, outcomes
 

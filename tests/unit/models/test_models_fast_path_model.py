@@ -9,10 +9,7 @@ two optimizer steps through megatron-core's DDP, distributed optimizer and sched
 
 from __future__ import annotations
 
-import importlib
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -111,14 +108,7 @@ def _compiled_by_builder(model_cfg, parallel, precision) -> list[bool]:
 def runs():
     from megatron_ext.parallel.local_launch import run_on_local_processes
 
-    # Spawned children import this module by name; pytest's importlib mode does not make it
-    # importable, so put its directory on the path and spawn the function from that import.
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        module = importlib.import_module(Path(__file__).stem)
-        return run_on_local_processes(module.worker, 2)
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
+    return run_on_local_processes(worker, 2)
 
 
 @pytest.mark.timeout(300)
