@@ -129,6 +129,14 @@ def test_manual_multi_node_needs_an_endpoint(tmp_path):
 
 
 def test_topology_cli_json_on_recorded_roce_node(tmp_path):
+    roce_node = [
+        "--nvidia-smi-topo",
+        str(FIXTURES / "nvidia_smi_topo_pcie_only.txt"),
+        "--sysfs-root",
+        str(FIXTURES / "sysfs_roce"),
+        "--ip-addr",
+        str(FIXTURES / "ip_addr_roce.txt"),
+    ]
     result = run(
         [
             sys.executable,
@@ -140,12 +148,7 @@ def test_topology_cli_json_on_recorded_roce_node(tmp_path):
             "2",
             "--tp",
             "2",
-            "--nvidia-smi-topo",
-            str(FIXTURES / "nvidia_smi_topo_pcie_only.txt"),
-            "--sysfs-root",
-            str(FIXTURES / "sysfs_roce"),
-            "--ip-addr",
-            str(FIXTURES / "ip_addr_roce.txt"),
+            *roce_node,
         ],
         clean_env(),
         REPO,
@@ -166,12 +169,7 @@ def test_topology_cli_json_on_recorded_roce_node(tmp_path):
             "--strict",
             "--tp",
             "2",
-            "--nvidia-smi-topo",
-            str(FIXTURES / "nvidia_smi_topo_pcie_only.txt"),
-            "--sysfs-root",
-            str(FIXTURES / "sysfs_roce"),
-            "--ip-addr",
-            str(FIXTURES / "ip_addr_roce.txt"),
+            *roce_node,
         ],
         clean_env(),
         REPO,

@@ -114,17 +114,19 @@ def test_convert_hf_config_roundtrips_model_config():
         assert getattr(again, field) == getattr(model, field), field
 
 
+# A minimal Llama config.json: no rope_theta, head_dim, num_key_value_heads or biases.
+SMALL_HF_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "intermediate_size": 64,
+    "vocab_size": 100,
+}
+
+
 def test_convert_model_config_reads_old_style_rope_theta():
-    config = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "intermediate_size": 64,
-        "vocab_size": 100,
-        "rope_theta": 1000000.0,
-        "max_position_embeddings": 128,
-    }
+    config = {**SMALL_HF_CONFIG, "rope_theta": 1000000.0, "max_position_embeddings": 128}
     model = llama.model_config_from_hf(config, seq_length=64)
     assert model.rotary_base == 1000000 and model.seq_length == 64 and model.num_query_groups == 4
 
@@ -142,15 +144,7 @@ def test_convert_model_config_reads_old_style_rope_theta():
     ],
 )
 def test_convert_refuses_unsupported_hf_configs(change, message):
-    config = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "intermediate_size": 64,
-        "vocab_size": 100,
-    }
-    config.update(change)
+    config = {**SMALL_HF_CONFIG, **change}
     if change.get("num_hidden_layers", 0) is None:
         del config["num_hidden_layers"]
     with pytest.raises(ValueError, match=message):
