@@ -52,8 +52,17 @@ class CheckpointConfig:
 
     optimizer_gather_on_cpu: bool = False
     """Gather the distributed optimizer state for saving over gloo onto data-parallel rank 0
-    only (less GPU memory, a slower save). By default every data-parallel rank receives the
-    gathered state of its model shard on the device and the ranks write in parallel."""
+    only (less host memory on the other ranks, a slower save). By default every data-parallel
+    rank receives the gathered state of its model shard in host memory (over the device's
+    communicator, bucket by bucket) and the ranks write in parallel."""
+
+    async_save: bool = False
+    """Write checkpoints in the background. Training waits while the optimizer state is gathered
+    and the tensors are staged to host memory; forked writer processes then write the files
+    while the next steps run, and the checkpoint is verified and published (``latest``) at the
+    first step boundary after every rank's writer finished. One save is in flight at a time; the
+    end of training and a preemption wait for it. The staged copy (each rank's share of the
+    checkpoint, in host memory) is held until the writers finish."""
 
     def validate(self, problems: ProblemCollector) -> None:
         problems.check(

@@ -6,7 +6,9 @@ The loop calls exactly two functions, on every rank::
                                 to_dict(cfg))           # None: nothing to resume, start at step 0
     ...
     save_checkpoint(cfg.checkpoint, run_dir, step, model_chunks, optimizer, scheduler,
-                    {"progress": ...}, to_dict(cfg), ctx)
+                    {"progress": ...}, to_dict(cfg), ctx, background)
+    # background: None (the save returns when the checkpoint is published) or a
+    # ``BackgroundSaves`` (``checkpoint.async_save``: it returns once the writers started)
 
 What a checkpoint holds: the model (``model``, or ``model0``, ``model1``... per virtual pipeline
 chunk); the distributed optimizer state in megatron-core's ``fully_reshardable`` format (gathered
@@ -38,6 +40,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_ext.checkpoint import directory as fs
+from megatron_ext.checkpoint.background import BackgroundSaves
 from megatron_ext.checkpoint.compatibility import check_config_change
 from megatron_ext.checkpoint.config import CheckpointConfig
 from megatron_ext.checkpoint.directory import CheckpointError
@@ -60,10 +63,18 @@ def save_checkpoint(
     run_state: dict,
     config_dict: dict,
     ctx: ParallelContext,
+    background: BackgroundSaves | None = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically on all ranks; returns its directory."""
+    """Write the checkpoint of ``step`` atomically on all ranks; returns its directory.
+
+    With ``background`` the call returns once the writer processes have started, and the
+    directory appears (with ``latest`` naming it) when ``background`` finalizes the save; a save
+    still in flight from an earlier step is waited for and published first.
+    """
     from megatron.core import dist_checkpointing
 
+    if background is not None:
+        background.wait()
     began = time.perf_counter()
     save_dir = Path(cfg.resolved_save_dir(run_dir))
     state_json = _run_state_json(run_state, step)
@@ -84,27 +95,60 @@ def save_checkpoint(
         is_loading=False,
         gather_on_cpu=cfg.optimizer_gather_on_cpu,
     )
-    dist_checkpointing.save(state, str(temp))
-    _barrier(ctx)
 
-    def finish() -> str:
-        final = save_dir / fs.checkpoint_name(step)
-        _write_own_files(temp, step, ctx, state_json, config_dict)
-        problems = fs.verify_checkpoint(temp)
-        if problems:
-            raise CheckpointError(
-                f"the save of step {step} into {temp} did not verify and was not published:\n  "
-                + "\n  ".join(problems)
+    def publish() -> Path:
+        final = Path(
+            _on_rank0(
+                ctx, lambda: _publish(cfg, save_dir, temp, step, ctx, state_json, config_dict)
             )
-        fs.publish(temp, final)
-        fs.write_latest(save_dir, final.name)
-        fs.apply_retention(save_dir, cfg.keep_last)
-        return str(final)
+        )
+        if ctx.rank == 0:
+            logger.info(
+                "saved checkpoint %s %s %.1f s",
+                final,
+                "in" if background is None else "(in the background) after",
+                time.perf_counter() - began,
+            )
+        return final
 
-    final = Path(_on_rank0(ctx, finish))
+    if background is None:
+        dist_checkpointing.save(state, str(temp))
+        _barrier(ctx)
+        return publish()
+    request = dist_checkpointing.save(state, str(temp), async_sharded_save=True)
+    request.add_finalize_fn(publish)
+    background.schedule(request, step, began)
     if ctx.rank == 0:
-        logger.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - began)
-    return final
+        logger.info(
+            "checkpoint of step %d: writing in the background (training resumed after %.1f s)",
+            step,
+            time.perf_counter() - began,
+        )
+    return save_dir / fs.checkpoint_name(step)
+
+
+def _publish(
+    cfg: CheckpointConfig,
+    save_dir: Path,
+    temp: Path,
+    step: int,
+    ctx: ParallelContext,
+    state_json: str,
+    config_dict: dict,
+) -> str:
+    """Rank 0, once every rank's files are written: verify, rename into place, point ``latest``."""
+    final = save_dir / fs.checkpoint_name(step)
+    _write_own_files(temp, step, ctx, state_json, config_dict)
+    problems = fs.verify_checkpoint(temp)
+    if problems:
+        raise CheckpointError(
+            f"the save of step {step} into {temp} did not verify and was not published:\n  "
+            + "\n  ".join(problems)
+        )
+    fs.publish(temp, final)
+    fs.write_latest(save_dir, final.name)
+    fs.apply_retention(save_dir, cfg.keep_last)
+    return str(final)
 
 
 def load_checkpoint(

@@ -22,20 +22,21 @@ runs. What it changes, process-wide and reversibly (``uninstall_cpu_compat``):
   and answers ``Tensor.type()`` with the CUDA type name megatron-core's optimizers expect.
 * The same redirection is re-entered inside custom autograd ``backward`` functions, which do
   not inherit torch-function modes.
-* ``dist_checkpointing``'s file writer gets a results queue that needs no manager process (see
-  ``_patch_dist_checkpointing``).
+* ``dist_checkpointing``'s file writer gets a results queue that needs no manager process, for
+  synchronous and background saves alike (see ``_patch_dist_checkpointing``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_ext.parallel.file_queue import FileQueue
 
 _state_lock = threading.Lock()
 _installed: dict[str, Any] | None = None
@@ -147,10 +148,6 @@ class _Event:
         return (end._time - self._time) * 1000.0
 
 
-class _LocalQueue(queue.Queue):
-    """Results queue for dist_checkpointing's synchronous writes (same process, no manager)."""
-
-
 def _cuda_replacements() -> dict[str, Any]:
     def get_rng_state(device: Any = "cuda") -> torch.Tensor:
         return torch.get_rng_state()
@@ -216,21 +213,27 @@ def _patch_megatron_rng(saved: list) -> None:
 
 
 def _patch_dist_checkpointing(saved: list) -> None:
-    """Make dist_checkpointing's synchronous save need no multiprocessing manager.
+    """Give dist_checkpointing's file writer a results queue that needs no manager process.
 
     ``FileSystemWriterAsync`` always takes its results queue from ``ctx.Manager().Queue()`` with a
     *spawn* context, even for a synchronous save. Spawning the manager's server process re-imports
     the launching script as ``__mp_main__``; a training script (or a ``torchrun`` target) that sets
     up ``torch.distributed`` at import time, or without a ``__main__`` guard, then joins the process
     group again with the parent's RANK/MASTER_PORT and blocks in rendezvous forever, so ``save()``
-    never returns. A synchronous save runs its writer in the saving process itself, so an in-process
-    queue is all the protocol needs; the forked write workers still report through their own
-    fork-context queue, which needs no manager.
+    never returns. The writer runs either in the saving process (a synchronous save) or in a
+    process forked from it (a background save); a ``FileQueue`` serves both, with no extra
+    process. It is created at the first save, so processes that never save make no directory.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    local_queue = _LocalQueue()
-    _patch(filesystem_async, "_get_write_results_queue", lambda: local_queue, saved)
+    holder: list[FileQueue] = []
+
+    def results_queue() -> FileQueue:
+        if not holder:
+            holder.append(FileQueue())
+        return holder[0]
+
+    _patch(filesystem_async, "_get_write_results_queue", results_queue, saved)
 
 
 def _patch_autograd_backward(saved: list) -> None:

@@ -8,7 +8,9 @@ Everything arrives through ``ExperimentConfig``; the loop owns no global state. 
    ``consumed_tokens`` (the wait is measured);
 3. ``train_step`` runs megatron-core's schedule for the plan's sequence length and asks the
    monitor's stability guard before the optimizer touches the weights;
-4. progress advances; metrics, evaluation, checkpoints and preemption follow.
+4. progress advances; metrics, evaluation, checkpoints and preemption follow. With
+   ``checkpoint.async_save`` a checkpoint's files are written while the next steps run, and it is
+   published at the first step boundary after its writers finished.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.checkpoint.background import BackgroundSaves
 from megatron_ext.checkpoint.manager import load_checkpoint, save_checkpoint
 from megatron_ext.checkpoint.preemption import PreemptionHandler
 from megatron_ext.config.loader import save_config, to_dict
@@ -183,6 +186,7 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
     start_step = progress.step
     first_loss = last_loss = val_loss = None
     stopped_by = "done"
+    background = BackgroundSaves() if cfg.checkpoint.async_save else None
     try:
         for plan in iter_step_plans(cfg.schedule, progress, dp):
             batch = prefetcher.next()
@@ -230,11 +234,19 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
             stop = _stop_reason(cfg, monitor, preemption, ctx, step, start_step)
             preempted = stop == "preempted"
             at_exit = (done or stop is not None) and cfg.checkpoint.save_on_exit
+            if background is not None:
+                background.finalize_finished()
             if _checkpoint_due(cfg, step) or preempted or at_exit:
-                _save(cfg, run, progress)
+                _save(cfg, run, progress, background)
             if stop is not None:
                 stopped_by = stop
                 break
+        if background is not None:
+            background.wait()  # the run returns with its last checkpoint published
+    except BaseException:
+        if background is not None:
+            background.abort()
+        raise
     finally:
         prefetcher.close()
         preemption.close()
@@ -289,7 +301,9 @@ def _stop_reason(cfg, monitor, preemption, ctx, step: int, start_step: int) -> s
     return None
 
 
-def _save(cfg: ExperimentConfig, run: _Run, progress: TrainProgress) -> None:
+def _save(
+    cfg: ExperimentConfig, run: _Run, progress: TrainProgress, background: BackgroundSaves | None
+) -> None:
     run_state = {"progress": progress_state_dict(cfg.schedule, progress, run.ctx.layout.dp)}
     save_checkpoint(
         cfg.checkpoint,
@@ -301,6 +315,7 @@ def _save(cfg: ExperimentConfig, run: _Run, progress: TrainProgress) -> None:
         run_state,
         to_dict(cfg),
         run.ctx,
+        background,
     )
 
 

@@ -3,7 +3,8 @@
 Run A trains 30 steps with a checkpoint every 10. Run B is the same command, killed with SIGKILL
 at step 24 and started again: it resumes from step 20, and its losses and gradient norms from step
 21 on equal A's bit for bit. Run C gets SIGTERM during training: it saves at the step it is on,
-exits 0, and the next start continues from there to the same numbers as A.
+exits 0, and the next start continues from there to the same numbers as A. Run D is B with
+checkpoints written in the background (``checkpoint.async_save``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _write_dataset(prefix: Path) -> str:
     return str(prefix)
 
 
-def _command(run_dir: Path, data: str) -> list[str]:
+def _command(run_dir: Path, data: str, extra: tuple[str, ...]) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -57,15 +58,16 @@ def _command(run_dir: Path, data: str) -> list[str]:
         "--tokenizer.tokenizer_type=none",
         "--monitoring.wandb=false",
         "--monitoring.tensorboard=false",
+        *extra,
     ]
 
 
-def _start(run_dir: Path, data: str) -> subprocess.Popen:
+def _start(run_dir: Path, data: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["PYTHONWARNINGS"] = "ignore"
     with open(run_dir.with_suffix(".log"), "a") as log:
         return subprocess.Popen(
-            _command(run_dir, data), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            _command(run_dir, data, extra), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
 
 
@@ -90,8 +92,10 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return rows
 
 
-def _run_to_end(run_dir: Path, data: str, timeout: float = 400) -> None:
-    proc = _start(run_dir, data)
+def _run_to_end(
+    run_dir: Path, data: str, extra: tuple[str, ...] = (), timeout: float = 400
+) -> None:
+    proc = _start(run_dir, data, extra)
     try:
         code = proc.wait(timeout=timeout)
     finally:
@@ -166,3 +170,28 @@ def test_checkpoint_sigterm_saves_and_resumes(reference):
     for step in range(stopped_at + 1, TRAIN_STEPS + 1):
         assert resumed[step]["loss"] == expected[step]["loss"], step
         assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
+
+
+@pytest.mark.timeout(900)
+def test_async_checkpoint_exact_resume_after_sigkill(reference):
+    root, data, expected = reference
+    run_d = root / "D"
+    background = ("--checkpoint.async_save=true",)
+    proc = _start(run_d, data, background)
+    _signal_at(proc, run_d, 24, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    # The save of step 20 is published at the first step boundary after its writer finished.
+    resumed_from = _latest(run_d)
+    assert resumed_from in ("iter_0000010", "iter_0000020")
+
+    _run_to_end(run_d, data, background)
+    resumed = _metrics(run_d)
+    for step in range(int(resumed_from.removeprefix("iter_")) + 1, TRAIN_STEPS + 1):
+        assert resumed[step]["loss"] == expected[step]["loss"], step
+        assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
+        assert resumed[step]["consumed_tokens"] == expected[step]["consumed_tokens"], step
+    # The last save is published before the run exits; retention (keep_last: 2) ran on publishing
+    # and no unpublished directory is left.
+    assert _latest(run_d) == f"iter_{TRAIN_STEPS:07d}"
+    saved = sorted(p.name for p in (run_d / "checkpoints").iterdir() if p.is_dir())
+    assert saved == ["iter_0000020", "iter_0000030"]
