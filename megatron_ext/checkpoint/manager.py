@@ -300,21 +300,33 @@ def _ensure_optimizer_state(optimizer: Any) -> None:
     megatron-core's distributed optimizer reads the Adam ``step`` from the per-parameter state when
     it builds its state dict; torch creates that state lazily at the first step, so a freshly built
     optimizer (the normal case when resuming) has none. Zero moments and step 0 are exactly what
-    torch's first step would start from, and loading overwrites them.
+    torch's first step would start from (``step`` on the parameter's device for the fused kernel,
+    on CPU otherwise), and loading overwrites them.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_optimizer = getattr(inner, "optimizer", None)
-        if not isinstance(torch_optimizer, torch.optim.Adam | torch.optim.AdamW):
-            continue
+    for torch_optimizer in torch_adams(optimizer):
         if len(torch_optimizer.state) > 0:
             continue
         for group in torch_optimizer.param_groups:
             for param in group["params"]:
                 torch_optimizer.state[param] = {
-                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "step": torch.zeros((), dtype=torch.float32, device=_step_device(group, param)),
                     "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
                 }
+
+
+def torch_adams(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch Adam/AdamW instances inside megatron-core's optimizer (none with TE or apex)."""
+    inner = [
+        getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])
+    ]
+    return [o for o in inner if isinstance(o, torch.optim.Adam | torch.optim.AdamW)]
+
+
+def _step_device(group: dict, param: torch.Tensor) -> torch.device:
+    """Where torch's Adam keeps ``step``: with the parameter for fused/capturable, else on CPU."""
+    on_param = group.get("fused") or group.get("capturable")
+    return param.device if on_param else torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -324,13 +336,19 @@ def _torch_adam_step_hidden(optimizer: Any) -> Iterator[None]:
     Its loader copies every entry of the per-parameter state from the checkpoint, but torch Adam
     keeps a ``step`` entry there that the checkpoint stores in the param groups instead (and
     restores separately), so the copy fails with ``KeyError: 'step'``. While loading, each
-    parameter's ``step`` is set aside around that copy and put back unchanged; afterwards every
-    parameter gets its own copy of the restored step.
+    parameter's ``step`` is set aside around that copy and put back unchanged. Afterwards:
+
+    * the kernel switches (``fused``, ``foreach``) of every param group are the configured ones
+      again: torch's ``load_state_dict`` takes them from the checkpoint, i.e. from the saving
+      run's configuration, which would silently change the update kernel on resume;
+    * every parameter gets its own copy of the restored step, on the device that kernel expects.
     """
+    adams = torch_adams(optimizer)
+    kernels = [[(g.get("fused"), g.get("foreach")) for g in adam.param_groups] for adam in adams]
     patched = []
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         setter = getattr(inner, "_set_main_param_and_optimizer_states", None)
-        if setter is None or not isinstance(getattr(inner, "optimizer", None), torch.optim.Adam):
+        if setter is None or getattr(inner, "optimizer", None) not in adams:
             continue
 
         def set_states(model_param, tensors, inner=inner, setter=setter):
@@ -351,12 +369,18 @@ def _torch_adam_step_hidden(optimizer: Any) -> Iterator[None]:
     finally:
         for inner in patched:
             del inner._set_main_param_and_optimizer_states
-            # megatron-core gives every parameter the same ``step`` tensor, and torch's Adam
-            # increments each parameter's step in place: shared, it would advance once per
-            # parameter per step and corrupt the bias correction. One tensor per parameter.
-            for state in inner.optimizer.state.values():
-                if isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = state["step"].clone()
+        for adam, groups in zip(adams, kernels, strict=True):
+            for group, (fused, foreach) in zip(adam.param_groups, groups, strict=True):
+                group["fused"], group["foreach"] = fused, foreach
+                for param in group["params"]:
+                    state = adam.state.get(param, {})
+                    # megatron-core gives every parameter the same ``step`` tensor, and torch's
+                    # Adam increments each parameter's step in place: shared, it would advance
+                    # once per parameter per step and corrupt the bias correction.
+                    if isinstance(state.get("step"), torch.Tensor):
+                        state["step"] = state["step"].to(
+                            dtype=torch.float32, device=_step_device(group, param), copy=True
+                        )
 
 
 # ---- files of our own and the search for a checkpoint ------------------------------------------

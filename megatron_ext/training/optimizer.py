@@ -9,6 +9,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 
+from megatron_ext.checkpoint.manager import torch_adams
 from megatron_ext.config.errors import ProblemCollector
 from megatron_ext.models.config import TORCH_DTYPES, PrecisionConfig
 from megatron_ext.parallel.config import ParallelConfig
@@ -28,6 +29,12 @@ class OptimizerConfig:
     """Decoupled weight decay on matrices (1-D parameters, i.e. norms and biases, get none)."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
+    fused_adamw: bool = True
+    """Use torch's fused AdamW kernel (the whole update in one kernel per device and dtype) where
+    megatron-core falls back to torch's AdamW, i.e. without Transformer Engine and apex (with
+    either, megatron-core uses their fused Adam and this field has no effect). False leaves the
+    choice to torch (the multi-tensor foreach update on GPU). The choice is the run's, not the
+    checkpoint's: a resume keeps the configured kernel whatever the saving run used."""
 
     def validate(self, problems: ProblemCollector) -> None:
         for name in ("adam_beta1", "adam_beta2"):
@@ -109,7 +116,25 @@ def build_optimizer(
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         overlap_param_gather=parallel.overlap_param_gather,
     )
-    return get_megatron_optimizer(config, ddp_chunks)
+    optimizer = get_megatron_optimizer(config, ddp_chunks)
+    if optim.fused_adamw:
+        use_fused_torch_adam(optimizer)
+    return optimizer
+
+
+def use_fused_torch_adam(optimizer) -> int:
+    """Switch megatron-core's torch AdamW fallback to the fused kernel; returns how many.
+
+    Call before the first step: torch creates each parameter's state (with ``step`` on the
+    parameter's device for the fused kernel) at its first update.
+    """
+    adams = torch_adams(optimizer)
+    for adam in adams:
+        for group in adam.param_groups:
+            group["foreach"] = False
+            group["fused"] = True
+        adam.defaults.update(foreach=False, fused=True)
+    return len(adams)
 
 
 def attach_schedule_hooks(

@@ -9,11 +9,12 @@
 # In priority order it runs
 #   1. the training-step benchmark (benchmarks/train_step.py): megatron_ext's default path and the
 #      Hugging Face baselines (eager, Liger Kernel, torch.compile) at 4,096 x 2 and 8,192 x 1, then
-#      megatron_ext with the fast path off and with fused AdamW, then the recipe_1b preset (GQA,
-#      context 8,192, its recompute settings) for its memory; every megatron_ext run records its
-#      peak memory next to the dry-run estimate for one GPU; jobs that no longer fit the budget
-#      are listed as skipped;
-#   2. the gpu-marked tests (tests/gpu), with the time that is left (at least 100 s reserved).
+#      megatron_ext with the fast path off and with torch's default AdamW update, then the
+#      recipe_1b preset (GQA, context 8,192, its recompute settings) for its memory; every
+#      megatron_ext run records its peak memory next to the dry-run estimate for one GPU; jobs
+#      that no longer fit the budget are listed as skipped;
+#   2. the gpu-marked tests (tests/gpu: the fast path's numerics, then fused AdamW and background
+#      checkpoint saves on CUDA), with the time that is left (at least 100 s reserved).
 # Written to OUTPUT_DIR: environment.txt, benchmark.log, train_step.json, train_step.md,
 # gpu_tests.log. Reports are rewritten after every benchmark job, so a cut-off run keeps what
 # finished.

@@ -81,13 +81,13 @@ def test_exhausted_time_budget_skips_and_still_writes_the_report(bench, tmp_path
 @pytest.mark.timeout(300)
 def test_tiny_cpu_run_end_to_end(tmp_path):
     command = [sys.executable, str(SCRIPT), "--tiny", "--cpu", "--steps", "2", "--warmup", "1"]
-    command += ["--shapes", "32x2", "--variants", "megatron_ext_fused_adamw,hf_eager,hf_liger"]
+    command += ["--shapes", "32x2", "--variants", "megatron_ext_foreach_adamw,hf_eager,hf_liger"]
     subprocess.run([*command, "--out-dir", str(tmp_path)], check=True, timeout=280)
     report = json.loads((tmp_path / "train_step.json").read_text())
     assert report["card"].startswith("CPU")
     assert report["versions"]["megatron-core"] == "0.16.1"
     by_variant = {r["variant"]: r for r in report["results"]}
-    for name in ("megatron_ext_fused_adamw", "hf_eager"):
+    for name in ("megatron_ext_foreach_adamw", "hf_eager"):
         result = by_variant[name]
         assert result["status"] == "ok", result
         assert result["steps"] == 2 and result["tokens_per_s"] > 0
@@ -99,4 +99,4 @@ def test_tiny_cpu_run_end_to_end(tmp_path):
     assert ratios["best_hf"] == "hf_eager"
     assert ratios["ratio_to_best_hf"]["hf_eager"] == 1.0
     markdown = (tmp_path / "train_step.md").read_text()
-    assert "| megatron_ext_fused_adamw | 32x2 |" in markdown
+    assert "| megatron_ext_foreach_adamw | 32x2 |" in markdown
