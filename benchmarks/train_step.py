@@ -16,6 +16,8 @@ Variants (``--variants``, in this order of priority):
   megatron_ext_plain  the fast path off (compile_layers=off, fused_cross_entropy=off)
   megatron_ext_foreach_adamw  megatron_ext with torch's default (multi-tensor foreach) AdamW
                       update, as megatron-core builds it without TE/apex (attribution)
+  megatron_ext_cudnn_attention  megatron_ext with SDPA's cuDNN attention kernel put first in
+                      the backend priority (a candidate; on request)
   megatron_ext_compile_only   compiled layers, megatron-core's cross-entropy (attribution)
   megatron_ext_loss_only      chunked cross-entropy, eager layers (attribution)
 
@@ -62,6 +64,7 @@ with pip access, for the target's Python (3.12 here)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -114,6 +117,7 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
         45.0,
     ),
     "megatron_ext_foreach_adamw": (1, "megatron_ext", {"fused_adamw": False}, 150.0),
+    "megatron_ext_cudnn_attention": (2, "megatron_ext", {"sdpa_prefer": "cudnn"}, 150.0),
     "megatron_ext_compile_only": (
         2,
         "megatron_ext",
@@ -127,6 +131,8 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
         60.0,
     ),
 }
+# Variant settings that are not ModelConfig fields.
+STEP_SETTINGS = ("fused_adamw", "sdpa_prefer")
 DEFAULT_VARIANTS = (
     "megatron_ext,hf_eager,hf_liger,hf_compile,megatron_ext_plain,megatron_ext_foreach_adamw"
 )
@@ -200,6 +206,17 @@ def _random_batches(shape: Shape, vocab: int, device: torch.device, count: int =
     ]
 
 
+def _sdpa_preference(prefer: str | None):
+    """SDPA's backends with ``prefer`` first (``cudnn``), or no change (None)."""
+    if prefer is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION}[prefer]
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel([first, *rest], set_priority=True)
+
+
 def _megatron_step_fn(
     model: dict, settings: dict, shape: Shape, device: str, extra_model=None, fp8: str = "none"
 ):
@@ -221,7 +238,7 @@ def _megatron_step_fn(
     if extra_model is not None:
         model_cfg, precision = extra_model
     else:
-        model_fields = {k: v for k, v in settings.items() if k != "fused_adamw"}
+        model_fields = {k: v for k, v in settings.items() if k not in STEP_SETTINGS}
         model_cfg = ModelConfig(seq_length=shape.seq_length, **model, **model_fields)
         precision = PrecisionConfig(dtype="bf16" if device == "cuda" else "fp32", fp8=fp8)
     estimate = estimate_stages(
@@ -252,9 +269,12 @@ def _megatron_step_fn(
             "loss_mask": loss_mask,
             "position_ids": positions,
         }
-        result = train_step(
-            ddp, optimizer, [micro], shape.seq_length, ctx.torch_device, ctx.pp_group(), True
-        )
+        # Inductor picks the SDPA kernel when it compiles (the warm-up steps), so the preference
+        # must hold then as well as at run time.
+        with _sdpa_preference(settings.get("sdpa_prefer")):
+            result = train_step(
+                ddp, optimizer, [micro], shape.seq_length, ctx.torch_device, ctx.pp_group(), True
+            )
         return result.loss
 
     return step, estimate
