@@ -62,20 +62,13 @@ class _Trainer:
 
     def __init__(self, args: argparse.Namespace):
         from megatron.core import parallel_state
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_ext.models.builder import build_model
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
-        from megatron_ext.training.optimizer import (
-            OptimizerConfig,
-            attach_schedule_hooks,
-            build_optimizer,
-            wrap_ddp,
-        )
+        from megatron_ext.training.optimizer import OptimizerConfig
         from megatron_ext.training.schedule_config import ScheduleConfig
-        from megatron_ext.training.schedules import megatron_scheduler_kwargs
+        from megatron_ext.training.trainable import build_trainable
 
         parallel = ParallelConfig(device=args.device)
         self.ctx = initialize_parallel(parallel, seed=1)
@@ -89,17 +82,16 @@ class _Trainer:
             seq_length=args.seq_length,
             vocab_size=VOCAB,
         )
-        precision = PrecisionConfig(dtype=args.dtype)
-        chunks = build_model(model_cfg, parallel, precision, self.ctx.device)
-        self.model = wrap_ddp(chunks, parallel, precision)
-        self.optimizer = build_optimizer(
-            self.model, OptimizerConfig(), parallel, precision, 1e-4, 1e-5
+        trainable = build_trainable(
+            model_cfg,
+            parallel,
+            PrecisionConfig(dtype=args.dtype),
+            OptimizerConfig(),
+            ScheduleConfig(lr=1e-4, lr_warmup_steps=10, train_steps=100_000),
+            self.ctx.device,
         )
-        attach_schedule_hooks(self.model, self.optimizer, parallel)
-        schedule = ScheduleConfig(lr=1e-4, lr_warmup_steps=10, train_steps=100_000)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, **megatron_scheduler_kwargs(schedule, weight_decay=0.1)
-        )
+        self.model, self.optimizer = trainable.model, trainable.optimizer
+        self.scheduler = trainable.scheduler
         self.is_last = parallel_state.is_pipeline_last_stage()
         self.parameters = sum(p.numel() for p in self.model[0].parameters())
         self.args = args

@@ -30,22 +30,20 @@ from megatron_ext.config.loader import save_config, to_dict
 from megatron_ext.data.batches import get_eval_batches
 from megatron_ext.data.prefetch import BatchPrefetcher, make_step_loader
 from megatron_ext.data.token_stream import build_token_streams
-from megatron_ext.models.builder import build_model
 from megatron_ext.monitoring.monitor import TrainingMonitor, format_record
 from megatron_ext.parallel.init import ParallelContext, destroy_parallel, initialize_parallel
 from megatron_ext.training.experiment import ExperimentConfig, validate_experiment
-from megatron_ext.training.optimizer import attach_schedule_hooks, build_optimizer, wrap_ddp
 from megatron_ext.training.schedules import (
     TrainProgress,
     advance,
     is_done,
     iter_step_plans,
-    megatron_scheduler_kwargs,
     progress_state_dict,
     restore_progress,
     scheduler_increment,
 )
 from megatron_ext.training.step import mean_loss, run_forward_backward, train_step
+from megatron_ext.training.trainable import build_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -90,31 +88,23 @@ def train(cfg: ExperimentConfig) -> TrainSummary:
 
 
 def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     run_dir = Path(cfg.run_dir)
     if ctx.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     _check_tokenizer(cfg)
     streams = build_token_streams(cfg.data)
-    chunks = build_model(cfg.model, cfg.parallel, cfg.precision, ctx.device)
-    ddp_chunks = wrap_ddp(chunks, cfg.parallel, cfg.precision)
-    optimizer = build_optimizer(
-        ddp_chunks,
-        cfg.optimizer,
+    trainable = build_trainable(
+        cfg.model,
         cfg.parallel,
         cfg.precision,
-        peak_lr=cfg.schedule.lr,
-        min_lr=cfg.schedule.min_lr,
+        cfg.optimizer,
+        cfg.schedule,
+        ctx.device,
+        # An allowed schedule change must win over the values stored with the checkpoint.
+        override_scheduler=_schedule_change_allowed(cfg),
     )
-    attach_schedule_hooks(ddp_chunks, optimizer, cfg.parallel)
-    scheduler_kwargs = megatron_scheduler_kwargs(
-        cfg.schedule, weight_decay=cfg.optimizer.weight_decay
-    )
-    # An allowed schedule change must win over the values stored with the checkpoint.
-    scheduler_kwargs["override_opt_param_scheduler"] = _schedule_change_allowed(cfg)
-    scheduler = OptimizerParamScheduler(optimizer, **scheduler_kwargs)
+    ddp_chunks, optimizer, scheduler = trainable.model, trainable.optimizer, trainable.scheduler
     run_state = load_checkpoint(
         cfg.checkpoint, run_dir, ddp_chunks, optimizer, scheduler, ctx, to_dict(cfg)
     )

@@ -38,33 +38,22 @@ class _Run:
 
     def __init__(self, model_fields: dict, seed: int):
         import torch
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_ext.models.builder import build_model
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
-        from megatron_ext.training.optimizer import (
-            OptimizerConfig,
-            attach_schedule_hooks,
-            build_optimizer,
-            wrap_ddp,
-        )
-        from megatron_ext.training.schedules import megatron_scheduler_kwargs
+        from megatron_ext.training.optimizer import OptimizerConfig
+        from megatron_ext.training.trainable import build_trainable
 
         torch.manual_seed(seed)
         parallel = ParallelConfig(device="cpu")
         self.ctx = initialize_parallel(parallel, seed=seed)
-        model_cfg, precision = ModelConfig(**model_fields), PrecisionConfig()
-        chunks = build_model(model_cfg, parallel, precision, self.ctx.device)
-        self.model = wrap_ddp(chunks, parallel, precision)
-        self.optimizer = build_optimizer(
-            self.model, OptimizerConfig(), parallel, precision, 1e-3, 1e-4
+        model_cfg = ModelConfig(**model_fields)
+        trainable = build_trainable(
+            model_cfg, parallel, PrecisionConfig(), OptimizerConfig(), SCHEDULE, self.ctx.device
         )
-        attach_schedule_hooks(self.model, self.optimizer, parallel)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, **megatron_scheduler_kwargs(SCHEDULE, weight_decay=0.1)
-        )
+        self.model, self.optimizer = trainable.model, trainable.optimizer
+        self.scheduler = trainable.scheduler
         self.vocab = model_cfg.vocab_size
         self.config = {"seed": 1234, "model": dict(model_fields), "schedule": {"train_steps": 10}}
 

@@ -49,34 +49,27 @@ class _Trainer:
 
     def __init__(self, tp: int, pp: int, seed: int):
         from megatron.core import parallel_state
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_ext.models.builder import build_model
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
-        from megatron_ext.training.optimizer import (
-            OptimizerConfig,
-            attach_schedule_hooks,
-            build_optimizer,
-            wrap_ddp,
-        )
-        from megatron_ext.training.schedules import megatron_scheduler_kwargs
+        from megatron_ext.training.optimizer import OptimizerConfig
+        from megatron_ext.training.trainable import build_trainable
 
         self.parallel = ParallelConfig(
             device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
         )
         self.ctx = initialize_parallel(self.parallel, seed=seed)
-        model_cfg, precision = ModelConfig(), PrecisionConfig()
-        chunks = build_model(model_cfg, self.parallel, precision, self.ctx.device)
-        self.model = wrap_ddp(chunks, self.parallel, precision)
-        self.optimizer = build_optimizer(
-            self.model, OptimizerConfig(), self.parallel, precision, 1e-3, 1e-4
+        trainable = build_trainable(
+            ModelConfig(),
+            self.parallel,
+            PrecisionConfig(),
+            OptimizerConfig(),
+            SCHEDULE,
+            self.ctx.device,
         )
-        attach_schedule_hooks(self.model, self.optimizer, self.parallel)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, **megatron_scheduler_kwargs(SCHEDULE, weight_decay=0.1)
-        )
+        self.model, self.optimizer = trainable.model, trainable.optimizer
+        self.scheduler = trainable.scheduler
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.step = 0
         self.consumed_tokens = 0

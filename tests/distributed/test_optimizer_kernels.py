@@ -28,34 +28,25 @@ SEQ, MICRO_BATCH, GLOBAL_BATCH, VOCAB = 32, 2, 8, 4096
 
 class _Run:
     def __init__(self, fused: bool):
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from megatron_ext.models.builder import build_model
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
-        from megatron_ext.training.optimizer import (
-            OptimizerConfig,
-            attach_schedule_hooks,
-            build_optimizer,
-            wrap_ddp,
-        )
+        from megatron_ext.training.optimizer import OptimizerConfig
         from megatron_ext.training.schedule_config import ScheduleConfig
-        from megatron_ext.training.schedules import megatron_scheduler_kwargs
+        from megatron_ext.training.trainable import build_trainable
 
         parallel = ParallelConfig(device="cpu")
         self.ctx = initialize_parallel(parallel, seed=1234)
-        precision = PrecisionConfig()
-        chunks = build_model(ModelConfig(vocab_size=VOCAB), parallel, precision, self.ctx.device)
-        self.model = wrap_ddp(chunks, parallel, precision)
-        self.optimizer = build_optimizer(
-            self.model, OptimizerConfig(fused_adamw=fused), parallel, precision, 1e-3, 1e-4
+        trainable = build_trainable(
+            ModelConfig(vocab_size=VOCAB),
+            parallel,
+            PrecisionConfig(),
+            OptimizerConfig(fused_adamw=fused),
+            ScheduleConfig(lr=1e-3, min_lr_ratio=0.1, lr_warmup_steps=2, train_steps=10),
+            self.ctx.device,
         )
-        attach_schedule_hooks(self.model, self.optimizer, parallel)
-        schedule = ScheduleConfig(lr=1e-3, min_lr_ratio=0.1, lr_warmup_steps=2, train_steps=10)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, **megatron_scheduler_kwargs(schedule, weight_decay=0.1)
-        )
+        self.model, self.optimizer = trainable.model, trainable.optimizer
+        self.scheduler = trainable.scheduler
         self.step = 0
 
     def kernels(self) -> list[tuple]:
