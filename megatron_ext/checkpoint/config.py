@@ -56,6 +56,12 @@ class CheckpointConfig:
     rank receives the gathered state of its model shard in host memory (over the device's
     communicator, bucket by bucket) and the ranks write in parallel."""
 
+    check_free_space: bool = True
+    """Before each save, refuse it on every rank, with an error giving the sizes, when the save
+    directory's filesystem has less free space than the newest checkpoint takes (a save that
+    runs out of space part-way can leave some ranks waiting for the others). Set false where the
+    filesystem's free-space report means nothing (some network or FUSE mounts report zero)."""
+
     async_save: bool = False
     """Write checkpoints in the background. Training waits while the optimizer state is gathered
     and the tensors are staged to host memory; forked writer processes then write the files

@@ -233,6 +233,35 @@ def _check_storage(path: Path) -> list[str]:
     return problems
 
 
+def directory_bytes(path: Path) -> int:
+    """The size of every file below ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def check_free_space(save_dir: Path, step: int, free_bytes: int | None = None) -> None:
+    """Refuse a save that the filesystem of ``save_dir`` cannot hold, before anything is written.
+
+    The estimate is the size of the newest complete checkpoint (the saves of one run are about
+    the same size) plus 5%; with no checkpoint yet there is nothing to compare with and the save
+    goes ahead. Retention deletes old checkpoints only after the new one is published, so one
+    more checkpoint must fit. ``free_bytes`` defaults to what the filesystem reports.
+    """
+    checkpoints = list_checkpoints(save_dir)
+    if not checkpoints:
+        return
+    newest = checkpoints[-1][1]
+    needed = int(directory_bytes(newest) * 1.05)
+    free = shutil.disk_usage(save_dir).free if free_bytes is None else free_bytes
+    if free < needed:
+        raise CheckpointError(
+            f"not enough free space in {save_dir} for the checkpoint of step {step}: "
+            f"{newest.name} takes {needed / 1.05 / 1e9:.2f} GB, {free / 1e9:.2f} GB are free. "
+            "Free space, lower checkpoint.keep_last, or point checkpoint.save_dir elsewhere "
+            "(checkpoint.check_free_space=false skips this check on filesystems whose free "
+            "space report is not meaningful)"
+        )
+
+
 def last_good_checkpoint(save_dir: Path, exclude: Path | None = None) -> Path | None:
     """The newest complete checkpoint that verifies, other than ``exclude``."""
     for _, path in reversed(list_checkpoints(save_dir)):

@@ -82,6 +82,8 @@ def save_checkpoint(
     def prepare() -> str:
         save_dir.mkdir(parents=True, exist_ok=True)
         fs.remove_stale_temp_dirs(save_dir)
+        if cfg.check_free_space:
+            fs.check_free_space(save_dir, step)
         temp = fs.new_temp_dir(save_dir, step)
         temp.mkdir()
         return str(temp)

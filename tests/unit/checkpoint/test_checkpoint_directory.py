@@ -190,3 +190,17 @@ def test_unknown_format_version_is_refused(tmp_path, make_checkpoint):
     (path / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="format_version 99"):
         _locate(CheckpointConfig(), tmp_path)
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, make_checkpoint):
+    save_dir = tmp_path / "ckpt"
+    fs.check_free_space(save_dir, 1, free_bytes=0)  # nothing saved yet: nothing to compare with
+    newest = make_checkpoint(save_dir, 10)
+    size = fs.directory_bytes(newest)
+    assert size > 0
+    fs.check_free_space(save_dir, 20, free_bytes=int(size * 1.06))
+    with pytest.raises(CheckpointError, match="not enough free space") as info:
+        fs.check_free_space(save_dir, 20, free_bytes=size)
+    assert "step 20" in str(info.value) and "checkpoint.keep_last" in str(info.value)
+    # What the filesystem reports: this machine has room for a checkpoint of a few kB.
+    fs.check_free_space(save_dir, 20)
