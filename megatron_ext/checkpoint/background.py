@@ -3,8 +3,9 @@
 A save has a blocking part and a writing part. The blocking part is the same as for a synchronous
 save: every rank builds its sharded state (the distributed optimizer gathers its state), rank 0
 writes ``common.pt``, the ranks agree on the save plan, and each rank's tensors are staged to host
-memory (a copy from the GPU; on CPU the fork below takes the snapshot). Then each rank forks a
-writer process that writes its ``.distcp`` files, and training continues. The writing part ends in
+memory (copied from the GPU; on CPU, megatron-core copies the parameter views and the fork below
+keeps the rest as it was). Then each rank forks a writer process that writes its ``.distcp``
+files, and training continues. The writing part ends in
 a *finalization*, a collective step run by every rank at a step boundary once every rank's writer
 has exited: the write results are gathered, rank 0 writes the tensor index and our own files,
 verifies the directory and only then renames it into place and updates ``latest``. A crash before
