@@ -118,23 +118,21 @@ def build_optimizer(
     )
     optimizer = get_megatron_optimizer(config, ddp_chunks)
     if optim.fused_adamw:
-        use_fused_torch_adam(optimizer)
+        _use_fused_torch_adam(optimizer)
     return optimizer
 
 
-def use_fused_torch_adam(optimizer) -> int:
-    """Switch megatron-core's torch AdamW fallback to the fused kernel; returns how many.
+def _use_fused_torch_adam(optimizer) -> None:
+    """Switch megatron-core's torch AdamW fallback (if it is one) to the fused kernel.
 
-    Call before the first step: torch creates each parameter's state (with ``step`` on the
+    Done before the first step: torch creates each parameter's state (with ``step`` on the
     parameter's device for the fused kernel) at its first update.
     """
-    adams = torch_adams(optimizer)
-    for adam in adams:
+    for adam in torch_adams(optimizer):
         for group in adam.param_groups:
             group["foreach"] = False
             group["fused"] = True
         adam.defaults.update(foreach=False, fused=True)
-    return len(adams)
 
 
 def attach_schedule_hooks(
