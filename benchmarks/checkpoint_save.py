@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from small_model import add_model_arguments, model_config
 
 from megatron_ext.data.batches import split_micro_batches
 
@@ -39,12 +40,7 @@ VOCAB = 32000
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--hidden-size", type=int, default=1024)
-    parser.add_argument("--num-layers", type=int, default=8)
-    parser.add_argument("--seq-length", type=int, default=128)
-    parser.add_argument("--micro-batch-size", type=int, default=2)
+    add_model_arguments(parser, hidden_size=1024, num_layers=8, micro_batch_size=2)
     parser.add_argument("--rounds", type=int, default=3, help="saves per mode")
     parser.add_argument("--baseline-steps", type=int, default=3, help="steps without a save")
     parser.add_argument(
@@ -63,7 +59,7 @@ class _Trainer:
     def __init__(self, args: argparse.Namespace):
         from megatron.core import parallel_state
 
-        from megatron_ext.models.config import ModelConfig, PrecisionConfig
+        from megatron_ext.models.config import PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
         from megatron_ext.training.optimizer import OptimizerConfig
@@ -72,16 +68,7 @@ class _Trainer:
 
         parallel = ParallelConfig(device=args.device)
         self.ctx = initialize_parallel(parallel, seed=1)
-        heads = max(2, args.hidden_size // 64)
-        model_cfg = ModelConfig(
-            num_layers=args.num_layers,
-            hidden_size=args.hidden_size,
-            ffn_hidden_size=args.hidden_size * 8 // 3 // 8 * 8,
-            num_attention_heads=heads,
-            num_query_groups=heads // 2 if heads % 2 == 0 else heads,
-            seq_length=args.seq_length,
-            vocab_size=VOCAB,
-        )
+        model_cfg = model_config(args, VOCAB)
         trainable = build_trainable(
             model_cfg,
             parallel,

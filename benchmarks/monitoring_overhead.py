@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from small_model import add_model_arguments, model_config
 
 from megatron_ext.data.batches import split_micro_batches
 
@@ -41,12 +42,7 @@ SETUPS = {"none": None, "stats_off": 0, "every_100": 100, "every_1": 1}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=128)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
+    add_model_arguments(parser, hidden_size=128, num_layers=4, micro_batch_size=4)
     parser.add_argument("--num-microbatches", type=int, default=2)
     parser.add_argument(
         "--compile-layers",
@@ -64,7 +60,7 @@ class _Trainer:
         from megatron.core import parallel_state
 
         from megatron_ext.models.builder import build_model
-        from megatron_ext.models.config import ModelConfig, PrecisionConfig
+        from megatron_ext.models.config import PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
         from megatron_ext.training.optimizer import (
@@ -76,17 +72,7 @@ class _Trainer:
 
         self.parallel = ParallelConfig(device=args.device)
         self.ctx = initialize_parallel(self.parallel, seed=1)
-        heads = max(2, args.hidden_size // 64)
-        self.model_cfg = ModelConfig(
-            num_layers=args.num_layers,
-            hidden_size=args.hidden_size,
-            ffn_hidden_size=args.hidden_size * 8 // 3 // 8 * 8,
-            num_attention_heads=heads,
-            num_query_groups=heads // 2 if heads % 2 == 0 else heads,
-            seq_length=args.seq_length,
-            vocab_size=8192,
-            compile_layers=args.compile_layers,
-        )
+        self.model_cfg = model_config(args, 8192, compile_layers=args.compile_layers)
         precision = PrecisionConfig(dtype=args.dtype)
         chunks = build_model(self.model_cfg, self.parallel, precision, self.ctx.device)
         self.ddp = wrap_ddp(chunks, self.parallel, precision)
