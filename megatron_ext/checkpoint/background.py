@@ -30,7 +30,6 @@ One save is in flight at a time: a new save first waits for the previous one to 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from megatron_ext.checkpoint.directory import CheckpointError
@@ -45,17 +44,17 @@ class BackgroundSaves:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self._calls = AsyncCallsQueue(persistent=False)
-        self._steps: dict[int, tuple[int, float]] = {}  # call index -> (step, start time)
+        self._steps: dict[int, int] = {}  # megatron-core's call index -> step
 
     @property
     def in_flight(self) -> int:
         """Saves started and not yet published (the same number on every rank)."""
         return self._calls.get_num_unfinalized_calls()
 
-    def schedule(self, request: Any, step: int, began: float) -> None:
+    def schedule(self, request: Any, step: int) -> None:
         """Start the writers of ``request`` (megatron-core's ``AsyncRequest``) for ``step``."""
         call = self._calls.schedule_async_request(request)
-        self._steps[call] = (step, began)
+        self._steps[call] = step
 
     def finalize_finished(self) -> list[int]:
         """Publish every save whose writers have finished on all ranks; returns their steps.
@@ -76,7 +75,7 @@ class BackgroundSaves:
         """Stop this rank's writers without publishing (no collective; after an error)."""
         for active in list(self._calls.async_calls):
             active.async_caller.close(abort=True)
-            step, _ = self._steps.pop(active.idx, (None, 0.0))
+            step = self._steps.pop(active.idx, None)
             logger.warning("the background save of step %s was stopped before it finished", step)
         self._calls.async_calls.clear()
 
@@ -96,12 +95,8 @@ class BackgroundSaves:
                 f"the background save of step {step} failed and was not published "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
-        steps = []
-        for call in finished:
-            step, began = self._steps.pop(call)
-            logger.debug("background save of step %d finished after %.1f s", step, _since(began))
-            steps.append(step)
-        return steps
+        # The publishing step (manager.save_checkpoint) logs each save and its duration.
+        return [self._steps.pop(call) for call in finished]
 
     def _forget_finalized(self) -> int | None:
         """After a failed finalization: drop the calls megatron-core took off its queue.
@@ -111,11 +106,7 @@ class BackgroundSaves:
         """
         active = {call.idx for call in self._calls.async_calls}
         gone = sorted(call for call in self._steps if call not in active)
-        step = self._steps[gone[-1]][0] if gone else None
+        step = self._steps[gone[-1]] if gone else None
         for call in gone:
             del self._steps[call]
         return step
-
-
-def _since(began: float) -> float:
-    return time.perf_counter() - began

@@ -119,7 +119,7 @@ def save_checkpoint(
         return publish()
     request = dist_checkpointing.save(state, str(temp), async_sharded_save=True)
     request.add_finalize_fn(publish)
-    background.schedule(request, step, began)
+    background.schedule(request, step)
     if ctx.rank == 0:
         logger.info(
             "checkpoint of step %d: writing in the background (training resumed after %.1f s)",
