@@ -58,6 +58,13 @@ class DataConfig:
     """Restart position ids after every end-of-document token (Megatron's
     ``--reset-position-ids``)."""
 
+    index_cache_dir: str | None = None
+    """Directory where the data index (split, per-epoch orders, blended epochs) is written once
+    and memory-mapped by every process, instead of being built in each process's memory
+    (about 90 bytes per training document). Set it for corpora of many millions of documents;
+    on a shared filesystem the whole job builds each part once, on a node-local disk each node
+    does. See docs/data_and_schedules.md."""
+
     num_workers: int = 1
     """Background threads that read batches ahead of the step; 0 reads in the training loop."""
 
@@ -119,6 +126,14 @@ class DataConfig:
                 self.eod_token_id,
                 f"{', '.join('data.' + n for n in needs_eod)} need(s) the end-of-document id",
                 "set data.eod_token_id to the tokenizer's eod id",
+            )
+        if self.index_cache_dir is not None:
+            problems.check(
+                bool(self.index_cache_dir) and not os.path.isfile(self.index_cache_dir),
+                "data.index_cache_dir",
+                self.index_cache_dir,
+                "must name a directory (it is created when missing)",
+                "give a directory path, or null to keep the index in memory",
             )
         problems.check(
             self.num_workers >= 0,

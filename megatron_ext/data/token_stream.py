@@ -15,11 +15,14 @@ Layout of the stream, for datasets ``d`` with per-epoch token quota ``q_d``:
 * blended epoch ``e`` takes from dataset ``d`` the documents that start in
   ``[e * q_d, (e + 1) * q_d)`` of its own sequence, so the blended epoch starts at the closed
   form ``sum_d P_d(first document of d in e)``, which makes any epoch reachable directly.
+
+The index arrays (each dataset's order per dataset epoch, each blended epoch) come from an
+``IndexCache``: built in memory by default, or written once to a directory and memory-mapped.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,107 +30,20 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_ext.data.blend import (
-    blend_quotas,
-    interleave_order,
-    split_documents,
-    stable_permutation,
-)
+from megatron_ext.data.blend import blend_quotas, interleave_order, stable_permutation
 from megatron_ext.data.config import DataConfig, parse_split
+from megatron_ext.data.documents import SPLIT_NAMES, DocumentSource, index_dtype, split_index
+from megatron_ext.data.index_cache import IndexCache, IndexEntry
 
-_SPLIT_NAMES = ("train", "valid", "test")
+__all__ = ["DocumentSource", "TokenStream", "TokenStreams", "build_token_streams"]
 
+logger = logging.getLogger(__name__)
 
-class DocumentSource:
-    """The documents of one indexed dataset that belong to one split.
-
-    A document is Megatron's document (a range of sequences in ``document_indices``); its
-    sequences are contiguous in the ``.bin`` file, so a document is read as one span. Memory:
-    the split's document ids (int64) and lengths (int32) only; offsets come from the memory-mapped
-    ``.idx`` when needed and tokens from the memory-mapped ``.bin``.
-    """
-
-    def __init__(
-        self,
-        prefix: str,
-        document_ids: np.ndarray | None = None,
-        *,
-        append_eod: bool = False,
-        eod_token_id: int | None = None,
-    ) -> None:
-        if append_eod and eod_token_id is None:
-            raise ValueError("append_eod needs eod_token_id")
-        if not IndexedDataset.exists(prefix):
-            raise ValueError(f"indexed dataset {prefix!r} not found (expected {prefix}.bin/.idx)")
-        self.prefix = prefix
-        self.dataset = IndexedDataset(prefix, mmap=True)
-        self.append_eod = append_eod
-        self.eod_token_id = eod_token_id
-        index = self.dataset.index
-        seq_lengths = np.asarray(index.sequence_lengths)
-        self._first_sequence = np.asarray(index.document_indices)[:-1]
-        self._pointers = np.asarray(index.sequence_pointers)
-        self._itemsize = np.dtype(index.dtype).itemsize
-        _check_contiguous(prefix, self._pointers, seq_lengths, self._itemsize)
-        cum = np.zeros(seq_lengths.size + 1, dtype=np.int64)
-        np.cumsum(seq_lengths, out=cum[1:])
-        all_lengths = cum[np.asarray(index.document_indices)]
-        all_lengths = all_lengths[1:] - all_lengths[:-1]
-        self.num_documents_total = int(all_lengths.size)
-        if document_ids is None:
-            document_ids = np.arange(all_lengths.size, dtype=np.int64)
-        self.document_ids = np.asarray(document_ids, dtype=np.int64)
-        lengths = all_lengths[self.document_ids] + (1 if append_eod else 0)
-        if lengths.size and lengths.max() >= 2**31:
-            raise ValueError(f"{prefix}: a document longer than 2**31 tokens")
-        self.lengths = lengths.astype(np.int32)
-        self.num_tokens = int(lengths.sum())
-        size = os.path.getsize(prefix + ".bin")
-        self._tokens = (
-            np.memmap(prefix + ".bin", dtype=index.dtype, mode="r")
-            if size > 0
-            else np.zeros(0, dtype=index.dtype)
-        )
-
-    def __len__(self) -> int:
-        return int(self.document_ids.size)
-
-    def gather(self, local_docs: np.ndarray, offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Concatenated tokens: ``counts[i]`` tokens of document ``local_docs[i]`` (index into
-        this source) from ``offsets[i]``; vectorised over the pieces."""
-        total = int(counts.sum())
-        first = self._first_sequence[self.document_ids[local_docs]]
-        file_start = self._pointers[first] // self._itemsize + offsets
-        piece_of_token = np.repeat(np.arange(counts.size), counts)
-        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        out = np.empty(total, dtype=np.int64)
-        if not self.append_eod:
-            out[:] = self._tokens[file_start[piece_of_token] + within]
-            return out
-        stored = self.lengths[local_docs].astype(np.int64) - 1
-        is_eod = offsets[piece_of_token] + within >= stored[piece_of_token]
-        keep = ~is_eod
-        out[keep] = self._tokens[file_start[piece_of_token[keep]] + within[keep]]
-        out[is_eod] = self.eod_token_id
-        return out
-
-
-def _check_contiguous(
-    prefix: str, pointers: np.ndarray, seq_lengths: np.ndarray, itemsize: int
-) -> None:
-    if pointers.size > 1 and not np.array_equal(
-        pointers[1:], pointers[:-1] + seq_lengths[:-1] * itemsize
-    ):
-        raise ValueError(
-            f"{prefix}.idx: sequences are not stored back to back in {prefix}.bin; "
-            "rewrite the dataset with tools/preprocess_data.py"
-        )
-
-
-def _index_dtype(n: int) -> type:
-    return np.int32 if n < 2**31 else np.int64
+# Bytes per training document a process holds when the index is built in memory: ids and
+# lengths, one cached order per dataset epoch (up to three), up to three blended epochs.
+_IN_MEMORY_BYTES_PER_DOCUMENT = 12 + 3 * 12 + 3 * 14
+_IN_MEMORY_WARNING_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -149,6 +65,7 @@ class TokenStream:
         shuffle: bool = True,
         eod_token_id: int | None = None,
         name: str = "train",
+        index_cache: IndexCache | None = None,
     ) -> None:
         if not sources or len(sources) >= 2**15:
             raise ValueError(f"{name} stream needs 1 to 32767 datasets, got {len(sources)}")
@@ -161,6 +78,7 @@ class TokenStream:
         self.shuffle = shuffle
         self.eod_token_id = eod_token_id
         self.name = name
+        self.index_cache = index_cache if index_cache is not None else IndexCache()
         self.quotas = blend_quotas([s.num_tokens for s in self.sources], self.weights)
         self.tokens_per_epoch_nominal = sum(self.quotas)
         # Cache locks are held only for dictionary updates, never while building, so readers of
@@ -179,18 +97,30 @@ class TokenStream:
             if cached is not None:
                 self._orders.move_to_end(key)
                 return cached
-        n = len(self.sources[d])
-        if self.shuffle:
-            order = stable_permutation(n, (self.seed, d, p)).astype(_index_dtype(n))
-        else:
-            order = np.arange(n, dtype=_index_dtype(n))
-        starts = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(self.sources[d].lengths[order], dtype=np.int64, out=starts[1:])
+        index_key = {
+            "source": self.sources[d].identity,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "dataset": d,
+            "epoch": p,
+        }
+        entry = self.index_cache.get("order", index_key, lambda: self._build_dataset_epoch(d, p))
+        order, starts = entry.arrays["order"], entry.arrays["starts"]
         with self._orders_lock:
             self._orders[key] = (order, starts)
             if len(self._orders) > 3 * len(self.sources) + 3:
                 self._orders.popitem(last=False)
         return order, starts
+
+    def _build_dataset_epoch(self, d: int, p: int) -> IndexEntry:
+        n = len(self.sources[d])
+        if self.shuffle:
+            order = stable_permutation(n, (self.seed, d, p)).astype(index_dtype(n))
+        else:
+            order = np.arange(n, dtype=index_dtype(n))
+        starts = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(self.sources[d].lengths[order], dtype=np.int64, out=starts[1:])
+        return IndexEntry({"order": order, "starts": starts}, {})
 
     def _first_doc_at(self, d: int, target: int) -> tuple[int, int]:
         """(k, P_d(k)) for the first document of dataset ``d`` starting at or after ``target``."""
@@ -214,7 +144,18 @@ class TokenStream:
             e += 1
         return e
 
-    def _build_epoch(self, e: int) -> _Epoch:
+    def _load_epoch(self, e: int) -> _Epoch:
+        index_key = {
+            "sources": [s.identity for s in self.sources],
+            "quotas": list(self.quotas),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "epoch": e,
+        }
+        entry = self.index_cache.get("epoch", index_key, lambda: self._build_epoch(e))
+        return _Epoch(**entry.arrays)
+
+    def _build_epoch(self, e: int) -> IndexEntry:
         lengths, locals_ = [], []
         for d, q in enumerate(self.quotas):
             k0, _ = self._first_doc_at(d, e * q)
@@ -230,7 +171,7 @@ class TokenStream:
             lengths.append(self.sources[d].lengths[local])
         dataset_ids, positions = interleave_order(lengths)
         largest = max(len(s) for s in self.sources)
-        local_docs = np.empty(dataset_ids.size, dtype=_index_dtype(largest))
+        local_docs = np.empty(dataset_ids.size, dtype=index_dtype(largest))
         doc_lengths = np.empty(dataset_ids.size, dtype=np.int64)
         for d in range(len(self.sources)):
             sel = dataset_ids == d
@@ -240,7 +181,8 @@ class TokenStream:
         starts[0] = self._epoch_start(e)
         np.cumsum(doc_lengths, out=starts[1:])
         starts[1:] += starts[0]
-        return _Epoch(dataset_ids.astype(np.int16), local_docs, starts)
+        arrays = {"dataset_ids": dataset_ids.astype(np.int16), "local_docs": local_docs}
+        return IndexEntry(arrays | {"starts": starts}, {})
 
     def _epoch(self, e: int) -> _Epoch:
         """Epoch ``e``, built once; concurrent callers wait for the one building it."""
@@ -256,7 +198,7 @@ class TokenStream:
                 self._epochs.move_to_end(e)
         if owner:
             try:
-                future.set_result(self._build_epoch(e))
+                future.set_result(self._load_epoch(e))
             except BaseException as exc:
                 with self._epochs_lock:
                     self._epochs.pop(e, None)
@@ -269,6 +211,11 @@ class TokenStream:
             if e in self._epochs:
                 return
         threading.Thread(target=self._epoch, args=(e,), name="epoch-build").start()
+
+    def prepare_epochs(self, num_epochs: int) -> None:
+        """Build (or load) the index of blended epochs ``0 .. num_epochs - 1`` now."""
+        for e in range(num_epochs):
+            self._epoch(e)
 
     def epoch_of(self, position: int) -> int:
         """The blended epoch holding token ``position`` (0-based)."""
@@ -336,20 +283,34 @@ class TokenStreams:
     valid: TokenStream | None
 
 
-def build_token_streams(config: DataConfig) -> TokenStreams:
-    """Open the datasets of ``config``, split them and build the train and validation streams."""
+def build_token_streams(config: DataConfig, index_cache: IndexCache | None = None) -> TokenStreams:
+    """Open the datasets of ``config``, split them and build the train and validation streams.
+
+    The index arrays go to ``config.index_cache_dir`` (memory-mapped) when it is set, else they
+    are held in memory; ``index_cache`` overrides that choice.
+    """
+    if index_cache is None:
+        index_cache = IndexCache(config.index_cache_dir)
     fractions = parse_split(config.split)
-    parts: dict[str, list[DocumentSource]] = {name: [] for name in _SPLIT_NAMES}
+    parts: dict[str, list[DocumentSource]] = {name: [] for name in SPLIT_NAMES}
     for prefix in config.data_path:
-        whole = DocumentSource(prefix)
-        ids = split_documents(whole.num_documents_total, fractions, config.split_seed)
-        for name, part in zip(_SPLIT_NAMES, ids):
+        indices = split_index(prefix, fractions, config.split_seed, config.append_eod, index_cache)
+        for name in SPLIT_NAMES:
             parts[name].append(
                 DocumentSource(
-                    prefix, part, append_eod=config.append_eod, eod_token_id=config.eod_token_id
+                    prefix,
+                    append_eod=config.append_eod,
+                    eod_token_id=config.eod_token_id,
+                    index=indices[name],
                 )
             )
-    common = dict(seed=config.seed, shuffle=config.shuffle, eod_token_id=config.eod_token_id)
+    _report_index_memory(parts["train"], index_cache)
+    common = dict(
+        seed=config.seed,
+        shuffle=config.shuffle,
+        eod_token_id=config.eod_token_id,
+        index_cache=index_cache,
+    )
     train = TokenStream(parts["train"], config.blend_weights, name="train", **common)
     valid_sources = parts["valid"]
     valid = None
@@ -360,3 +321,19 @@ def build_token_streams(config: DataConfig) -> TokenStreams:
             weights = [config.blend_weights[i] for i in keep]
         valid = TokenStream([valid_sources[i] for i in keep], weights, name="valid", **common)
     return TokenStreams(train=train, valid=valid)
+
+
+def _report_index_memory(train_sources: Sequence[DocumentSource], cache: IndexCache) -> None:
+    documents = sum(len(s) for s in train_sources)
+    estimate = documents * _IN_MEMORY_BYTES_PER_DOCUMENT
+    if cache.directory is not None:
+        logger.info(
+            "data index of %d training documents memory-mapped from %s", documents, cache.directory
+        )
+    elif estimate > _IN_MEMORY_WARNING_BYTES:
+        logger.warning(
+            "the data index of %d training documents takes up to %.1f GiB in every process; "
+            "set data.index_cache_dir to build it once and memory-map it",
+            documents,
+            estimate / 2**30,
+        )

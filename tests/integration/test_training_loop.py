@@ -63,9 +63,16 @@ def test_dp1_with_4_microbatches_equals_dp4_with_1(token_dataset, tmp_path):
             "--schedule.curriculum.fraction=0.5",
             "--schedule.curriculum.multiple=16",
         ]
+        if world == 4:  # the four ranks share one memory-mapped data index
+            extra.append(f"--data.index_cache_dir={tmp_path / 'index_cache'}")
         run_on_local_processes(_run, world, _overrides(token_dataset, run_dir, extra), None)
         runs[world] = _metrics(run_dir)
     one, four = runs[1], runs[4]
+    # The DP4 run read its index from files the four ranks wrote once, with nothing left over.
+    names = sorted(p.name for p in (tmp_path / "index_cache").iterdir())
+    assert [n.split("-")[0] for n in names].count("split") == 1, names
+    assert any(n.startswith("epoch-") for n in names), names
+    assert not [n for n in names if n.startswith(".tmp-") or n.endswith(".building")], names
     assert [r["num_microbatches"] for r in one] == [4] * 6
     assert [r["num_microbatches"] for r in four] == [1] * 6
     assert [r["seq_length"] for r in one] == [r["seq_length"] for r in four]
@@ -126,6 +133,7 @@ def test_recipe_at_reduced_size_runs_with_every_feature(token_dataset, tmp_path)
         "--training.eval_iters=1",
         "--data.split=90,10",
         "--data.num_workers=1",
+        f"--data.index_cache_dir={tmp_path / 'index_cache'}",
         "--monitoring.activation_stats_interval=2",
         "--checkpoint.interval=2",
         "--checkpoint.save_on_exit=true",

@@ -1,0 +1,232 @@
+"""Index arrays of the token stream, built once and memory-mapped by every process that reads.
+
+The token stream's index (each split's document ids and lengths, each dataset's shuffled order
+per dataset epoch, each blended epoch's document order and start positions) is O(documents):
+about 12 + 12 + 14 bytes per document. Held in memory by every process, a corpus of a billion
+documents costs tens of GB per process, times the processes of a node. ``IndexCache`` with a
+directory writes each array set once and memory-maps it: the operating system's page cache holds
+one copy per node (per cluster on a shared filesystem), and a process only touches the pages it
+reads (a ``searchsorted`` and a slice per batch).
+
+Entries are keyed by a digest of everything that determines their content (dataset files,
+split, seeds, weights, epoch), so a changed dataset or seed never reads a stale index.
+
+Writing is lock-free for correctness: an entry is built into a private temporary directory and
+renamed into place in one step, and two processes that build the same entry build the same
+bytes, so whichever rename lands second is simply discarded. A ``<entry>.building`` marker,
+created exclusively and touched every few seconds while building, only keeps other processes
+from duplicating the work: they wait for the entry instead. A marker that stops changing for
+``stale_after_s`` (its builder died) is taken over. Processes on other nodes see the same
+protocol when the directory is shared; a node-local directory is built once per node.
+
+Without a directory the arrays are built in memory, by the same functions.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 300.0  # generous: NFS may cache a file's attributes for up to a minute
+
+
+@dataclass
+class IndexEntry:
+    """The arrays of one entry (memory-mapped when cached) and its scalar facts."""
+
+    arrays: dict[str, np.ndarray]
+    info: dict
+
+
+Builder = Callable[[], IndexEntry]
+
+
+@dataclass
+class IndexCache:
+    """Builds each keyed entry once; ``directory=None`` keeps everything in memory."""
+
+    directory: str | None = None
+    stale_after_s: float = STALE_AFTER_S
+    poll_s: float = 0.2
+    built: list[str] = field(default_factory=list)
+    """Names of the entries this process built (for logs and tests)."""
+
+    def __post_init__(self) -> None:
+        if self.directory is not None:
+            os.makedirs(self.directory, exist_ok=True)
+
+    def get(self, kind: str, key: dict, build: Builder) -> IndexEntry:
+        """The entry of ``kind`` for ``key``: loaded if present, else built (here or elsewhere)."""
+        if self.directory is None:
+            return build()
+        name = entry_name(kind, key)
+        path = os.path.join(self.directory, name)
+        marker = path + ".building"
+        last_seen: tuple[float, float] | None = None  # (marker mtime, when it last changed)
+        while True:
+            if os.path.isdir(path):
+                return _load(path, kind, key)
+            if _create_exclusive(marker):
+                try:
+                    if os.path.isdir(path):  # published between the look above and the marker
+                        return _load(path, kind, key)
+                    return self._build_and_publish(path, marker, kind, key, build)
+                finally:
+                    _remove(marker)
+            mtime = _mtime(marker)
+            now = time.monotonic()
+            if mtime is None:
+                continue  # the builder just finished or gave up: look again
+            if last_seen is None or last_seen[0] != mtime:
+                last_seen = (mtime, now)
+            elif now - last_seen[1] > self.stale_after_s:
+                logger.warning(
+                    "index entry %s: its builder stopped updating %s for %.0f s; building it here",
+                    name,
+                    marker,
+                    now - last_seen[1],
+                )
+                _remove(marker)
+                last_seen = None
+                continue
+            time.sleep(self.poll_s)
+
+    def _build_and_publish(
+        self, path: str, marker: str, kind: str, key: dict, build: Builder
+    ) -> IndexEntry:
+        stop = threading.Event()
+        heartbeat = threading.Thread(
+            target=_heartbeat, args=(marker, stop), name="index-heartbeat", daemon=True
+        )
+        heartbeat.start()
+        start = time.perf_counter()
+        try:
+            entry = build()
+            _publish(path, kind, key, entry)
+        finally:
+            stop.set()
+            heartbeat.join()
+        self.built.append(os.path.basename(path))
+        logger.info(
+            "built index entry %s in %.1f s", os.path.basename(path), time.perf_counter() - start
+        )
+        return _load(path, kind, key)
+
+
+def entry_name(kind: str, key: dict) -> str:
+    """``<kind>-<digest>``: the digest covers the format version and every field of ``key``."""
+    text = json.dumps({"format": FORMAT_VERSION, "kind": kind, "key": key}, sort_keys=True)
+    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+def _publish(path: str, kind: str, key: dict, entry: IndexEntry) -> None:
+    directory = os.path.dirname(path)
+    tmp = os.path.join(
+        directory,
+        f".tmp-{os.path.basename(path)}-{socket.gethostname()}-{os.getpid()}-"
+        f"{threading.get_ident()}",
+    )
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        shapes = {}
+        for array_name, array in entry.arrays.items():
+            array = np.ascontiguousarray(array)
+            file = os.path.join(tmp, array_name + ".npy")
+            with open(file, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            shapes[array_name] = [array.dtype.str, list(array.shape)]
+        meta = {
+            "format": FORMAT_VERSION,
+            "kind": kind,
+            "key": key,
+            "arrays": shapes,
+            "info": entry.info,
+        }
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not os.path.isdir(path):
+                raise
+            # Another process published the same entry first; its bytes are the same.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(path: str, kind: str, key: dict) -> IndexEntry:
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    expected_key = json.loads(json.dumps(key))  # as stored: tuples become lists
+    stored_key = meta.get("key")
+    if (
+        meta.get("format") != FORMAT_VERSION
+        or meta.get("kind") != kind
+        or stored_key != expected_key
+    ):
+        raise ValueError(
+            f"index entry {path} does not hold what its name says (kind {meta.get('kind')!r}, "
+            f"key {meta.get('key')!r}); delete it and it will be rebuilt"
+        )
+    arrays = {}
+    for array_name, (dtype, shape) in meta["arrays"].items():
+        array = np.load(os.path.join(path, array_name + ".npy"), mmap_mode="r")
+        if array.dtype.str != dtype or list(array.shape) != shape:
+            raise ValueError(
+                f"index entry {path}: {array_name}.npy is {array.dtype.str} {list(array.shape)}, "
+                f"meta.json says {dtype} {shape}; delete the entry and it will be rebuilt"
+            )
+        arrays[array_name] = array
+    return IndexEntry(arrays, meta["info"])
+
+
+def _create_exclusive(marker: str) -> bool:
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    return True
+
+
+def _heartbeat(marker: str, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            os.utime(marker)
+        except FileNotFoundError:
+            return
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,52 @@
+"""tools/build_data_index.py: the index built ahead of training is the one training reads."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_ext.data.config import DataConfig
+from megatron_ext.data.index_cache import IndexCache
+from megatron_ext.data.token_stream import build_token_streams
+from tests.unit.data.conftest import random_documents, write_indexed_dataset
+
+pytestmark = pytest.mark.timeout(120)
+
+_TOOL = Path(__file__).parents[2] / "tools" / "build_data_index.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("build_data_index", _TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prebuilt_index_leaves_nothing_to_build_for_training(tmp_path, capsys):
+    prefix = write_indexed_dataset(str(tmp_path / "web"), random_documents(4, 300, 3, 900, 40))
+    cache_dir = tmp_path / "index"
+    argv = [
+        "--config",
+        str(Path(__file__).parents[2] / "examples/configs/tiny_cpu.yaml"),
+        f"--data.data_path=[{prefix}]",
+        "--data.split=90,10",
+        "--epochs",
+        "2",
+    ]
+    assert _tool().main(argv) == 1
+    assert "index_cache_dir is not set" in capsys.readouterr().err
+    assert _tool().main([*argv, f"--data.index_cache_dir={cache_dir}"]) == 0
+    assert "index entries built" in capsys.readouterr().out
+
+    config = DataConfig(data_path=[prefix], split="90,10", index_cache_dir=str(cache_dir))
+    cache = IndexCache(str(cache_dir))
+    streams = build_token_streams(config, cache)
+    epoch = streams.train.tokens_per_epoch_nominal
+    tokens = streams.train.read(epoch // 4, epoch)  # inside epochs 0 and 1
+    streams.valid.read(0, 100)
+    assert cache.built == []
+    reference = build_token_streams(DataConfig(data_path=[prefix], split="90,10"))
+    assert np.array_equal(tokens, reference.train.read(epoch // 4, epoch))

@@ -1,0 +1,74 @@
+"""Build the data index of an experiment ahead of training, into its ``data.index_cache_dir``.
+
+The training processes then only memory-map the files: none of them spends the minutes (and the
+memory) that splitting and shuffling a corpus of a billion documents takes. Run it once per
+shared filesystem, or once per node for a node-local directory; later epochs are built during
+training, in the background, by one process. CPU example:
+
+    python tools/build_data_index.py --config examples/configs/tiny_cpu.yaml \\
+        --data.index_cache_dir=runs/tiny_cpu/data_index --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from megatron_ext.config.errors import ConfigError, ProblemCollector
+from megatron_ext.config.loader import load_config
+from megatron_ext.data.index_cache import IndexCache
+from megatron_ext.data.token_stream import build_token_streams
+from megatron_ext.training.experiment import ExperimentConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Any other argument --section.field=value overrides the config file.",
+    )
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="blended training epochs to build (default: 1)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+        data = load_config(ExperimentConfig, args.config, overrides).data
+        problems = ProblemCollector()
+        data.validate(problems)
+        problems.raise_if_any()
+        if data.index_cache_dir is None:
+            raise ValueError("data.index_cache_dir is not set: there is nowhere to build to")
+        start = time.perf_counter()
+        cache = IndexCache(data.index_cache_dir)
+        streams = build_token_streams(data, cache)
+        streams.train.prepare_epochs(args.epochs)
+        if streams.valid is not None:
+            streams.valid.prepare_epochs(1)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"build_data_index: {exc}", file=sys.stderr)
+        return 1
+    size = sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(data.index_cache_dir)
+        for name in names
+    )
+    print(
+        f"{len(cache.built)} index entries built, {size / 2**20:.1f} MiB in "
+        f"{data.index_cache_dir} ({time.perf_counter() - start:.1f} s); "
+        f"{streams.train.tokens_per_epoch_nominal:,} training tokens per epoch"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
