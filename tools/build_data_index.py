@@ -6,7 +6,11 @@ shared filesystem, or once per node for a node-local directory; later epochs are
 training, in the background, by one process. CPU example:
 
     python tools/build_data_index.py --config examples/configs/tiny_cpu.yaml \\
-        --data.index_cache_dir=runs/tiny_cpu/data_index --epochs 2
+        --data.index_cache_dir=runs/tiny_cpu/data_index
+
+By default it builds every blended epoch the run will read (from ``schedule``: all steps, with
+the curriculum) and the validation epochs its evaluations read; ``--epochs N`` builds the first
+N training epochs instead.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from megatron_ext.config.loader import load_config
 from megatron_ext.data.index_cache import IndexCache
 from megatron_ext.data.token_stream import build_token_streams
 from megatron_ext.training.experiment import ExperimentConfig
+from megatron_ext.training.schedules import check_schedule, planned_tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, help="experiment YAML file")
     parser.add_argument(
-        "--epochs", type=int, default=1, help="blended training epochs to build (default: 1)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs to build (default: as many as the run's schedule reads)",
+    )
+    parser.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="the run's data-parallel size; only a token-based curriculum without "
+        "schedule.curriculum.batch_multiple depends on it (default: 1)",
     )
     return parser
 
@@ -40,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if args.epochs < 1:
+        if args.epochs is not None and args.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-        data = load_config(ExperimentConfig, args.config, overrides).data
+        cfg = load_config(ExperimentConfig, args.config, overrides)
+        data = cfg.data
         problems = ProblemCollector()
         data.validate(problems)
         problems.raise_if_any()
@@ -51,9 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         cache = IndexCache(data.index_cache_dir)
         streams = build_token_streams(data, cache)
-        streams.train.prepare_epochs(args.epochs)
-        if streams.valid is not None:
-            streams.valid.prepare_epochs(1)
+        epochs = args.epochs
+        if epochs is None:
+            check_schedule(cfg.schedule, args.data_parallel_size)
+            last = planned_tokens(cfg.schedule, args.data_parallel_size) - 1
+            epochs = streams.train.epoch_of(last) + 1
+        streams.train.prepare_epochs(epochs)
+        if streams.valid is not None and cfg.training.eval_iters > 0:
+            schedule = cfg.schedule
+            last = cfg.training.eval_iters * schedule.global_batch_size * schedule.seq_length
+            streams.valid.prepare_epochs(streams.valid.epoch_of(last) + 1)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"build_data_index: {exc}", file=sys.stderr)
         return 1
@@ -64,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{len(cache.built)} index entries built, {size / 2**20:.1f} MiB in "
-        f"{data.index_cache_dir} ({time.perf_counter() - start:.1f} s); "
-        f"{streams.train.tokens_per_epoch_nominal:,} training tokens per epoch"
+        f"{data.index_cache_dir} ({time.perf_counter() - start:.1f} s); {epochs} training "
+        f"epoch(s) of about {streams.train.tokens_per_epoch_nominal:,} tokens"
     )
     return 0
 

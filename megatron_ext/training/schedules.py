@@ -116,6 +116,15 @@ def iter_step_plans(
         progress = advance(progress, plan)
 
 
+def planned_tokens(cfg: ScheduleConfig, data_parallel_size: int) -> int:
+    """How many tokens of the training stream a whole run reads, from step 0: every step's
+    ``global_batch_size * seq_length`` plus the one label token after the last sequence."""
+    end = 0
+    for plan in iter_step_plans(cfg, TrainProgress(), data_parallel_size):
+        end = plan.consumed_tokens + plan.num_tokens
+    return end + 1
+
+
 # ---- curriculum and batch -----------------------------------------------------------------------
 def curriculum_seq_length(cfg: ScheduleConfig, step: int, consumed_tokens: int = 0) -> int:
     """Sequence length of the step that starts at (``step``, ``consumed_tokens``)."""

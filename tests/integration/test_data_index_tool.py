@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from megatron_ext.config.loader import load_config
 from megatron_ext.data.config import DataConfig
 from megatron_ext.data.index_cache import IndexCache
 from megatron_ext.data.token_stream import build_token_streams
+from megatron_ext.training.experiment import ExperimentConfig
+from megatron_ext.training.schedules import planned_tokens
 from tests.unit.data.conftest import random_documents, write_indexed_dataset
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,3 +55,40 @@ def test_prebuilt_index_leaves_nothing_to_build_for_training(tmp_path, capsys):
     assert cache.built == []
     reference = build_token_streams(DataConfig(data_path=[prefix], split="90,10"))
     assert np.array_equal(tokens, reference.train.read(epoch // 4, epoch))
+
+
+def test_default_builds_every_epoch_the_schedule_reads(tmp_path, capsys):
+    prefix = write_indexed_dataset(str(tmp_path / "web"), random_documents(5, 300, 3, 900, 40))
+    cache_dir = tmp_path / "index"
+    argv = [
+        "--config",
+        str(Path(__file__).parents[2] / "examples/configs/tiny_cpu.yaml"),
+        f"--data.data_path=[{prefix}]",
+        "--data.split=90,10",
+        "--schedule.train_steps=20",
+        "--schedule.lr_warmup_steps=2",
+        f"--data.index_cache_dir={cache_dir}",
+    ]
+    assert _tool().main(argv) == 0
+    config = load_config(ExperimentConfig, argv[1], argv[2:])
+    streams = build_token_streams(config.data, IndexCache(str(cache_dir)))
+    last = planned_tokens(config.schedule, 1) - 1
+    needed = streams.train.epoch_of(last) + 1
+    assert needed >= 5, "the run must span several epochs for this test to mean anything"
+    assert f"{needed} training epoch(s)" in capsys.readouterr().out
+
+    # Everything the run reads is there: the run's whole span and the evaluation batch.
+    cache = IndexCache(str(cache_dir))
+    streams = build_token_streams(config.data, cache)
+    for start in range(0, last + 1, 4096):
+        streams.train.read(start, min(4096, last + 1 - start))
+    streams.valid.read(0, 16 * 128 + 1)
+    for thread in threading.enumerate():
+        if thread.name == "epoch-build":
+            thread.join(30)
+    # Only the epoch after the last one of each stream, prepared ahead by the reader, is new.
+    valid_needed = streams.valid.epoch_of(16 * 128) + 1
+    ahead = {("train", needed), ("valid", valid_needed)}
+    for name in cache.built:
+        key = json.loads((cache_dir / name / "meta.json").read_text())["key"]
+        assert name.startswith("epoch-") and (key["sources"][0]["part"], key["epoch"]) in ahead

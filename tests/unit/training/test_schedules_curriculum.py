@@ -15,6 +15,7 @@ from megatron_ext.training.schedules import (
     curriculum_seq_length,
     iter_step_plans,
     plan_step,
+    planned_tokens,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,6 +97,7 @@ def test_exact_accounting_over_a_whole_run(mode, unit):
         lengths.append(plan.seq_length)
         progress = advance(progress, plan)
     assert (progress.consumed_tokens, progress.consumed_samples) == (tokens, samples)
+    assert planned_tokens(cfg, data_parallel_size=2) == tokens + 1  # + the last label token
     assert lengths[0] == 32 and lengths[-1] == 128 and lengths == sorted(lengths)
     if unit == "steps":
         assert progress.step == 50
