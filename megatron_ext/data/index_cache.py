@@ -92,6 +92,8 @@ class IndexCache:
             now = time.monotonic()
             if mtime is None:
                 continue  # the builder just finished or gave up: look again
+            if last_seen is None:
+                logger.info("index entry %s: waiting for %s", name, _owner(marker))
             if last_seen is None or last_seen[0] != mtime:
                 last_seen = (mtime, now)
             elif now - last_seen[1] > self.stale_after_s:
@@ -208,6 +210,15 @@ def _create_exclusive(marker: str) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(f"{socket.gethostname()} {os.getpid()}\n")
     return True
+
+
+def _owner(marker: str) -> str:
+    try:
+        with open(marker) as f:
+            host_pid = f.read().split()
+    except FileNotFoundError:
+        return "its builder"
+    return f"process {host_pid[1]} on {host_pid[0]}" if len(host_pid) == 2 else "its builder"
 
 
 def _heartbeat(marker: str, stop: threading.Event) -> None:
