@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -84,9 +83,7 @@ def _reader(config: DataConfig, batch_tokens: int, start_gate, results) -> None:
     first_batch_s = time.perf_counter() - start
     epoch = streams.train.tokens_per_epoch_nominal
     streams.train.read(int(epoch * 0.6), batch_tokens)  # past the middle: next epoch built
-    for thread in threading.enumerate():
-        if thread.name == "epoch-build":
-            thread.join()
+    streams.train.wait_for_background()
     streams.train.read(epoch + 1000, batch_tokens)
     results.put((_pss_bytes() - before, first_batch_s))
 

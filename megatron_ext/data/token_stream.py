@@ -87,6 +87,7 @@ class TokenStream:
         self._orders: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._epochs_lock = threading.Lock()
         self._epochs: OrderedDict[int, Future] = OrderedDict()
+        self._background: list[threading.Thread] = []
 
     # ---- one dataset's own infinite document sequence -------------------------------------
     def _dataset_epoch(self, d: int, p: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +211,18 @@ class TokenStream:
         with self._epochs_lock:
             if e in self._epochs:
                 return
-        threading.Thread(target=self._epoch, args=(e,), name="epoch-build").start()
+        thread = threading.Thread(target=self._epoch, args=(e,), name="epoch-build")
+        with self._epochs_lock:
+            self._background = [t for t in self._background if t.is_alive()]
+            thread.start()
+            self._background.append(thread)
+
+    def wait_for_background(self) -> None:
+        """Wait until the epochs being built ahead, in background threads, are ready."""
+        with self._epochs_lock:
+            threads = list(self._background)
+        for thread in threads:
+            thread.join()
 
     def prepare_epochs(self, num_epochs: int) -> None:
         """Build (or load) the index of blended epochs ``0 .. num_epochs - 1`` now."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -26,9 +25,8 @@ def _read(rank: int, prefixes: list[str], cache_dir: str, positions: list[int]) 
     streams = build_token_streams(_config(prefixes), cache)
     tokens = [streams.train.read(p, 300) for p in positions]
     tokens.append(streams.valid.read(0, 300))
-    for thread in threading.enumerate():
-        if thread.name == "epoch-build":
-            thread.join(60)
+    streams.train.wait_for_background()
+    streams.valid.wait_for_background()
     return {"tokens": tokens, "built": cache.built}
 
 

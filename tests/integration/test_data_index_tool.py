@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +82,8 @@ def test_default_builds_every_epoch_the_schedule_reads(tmp_path, capsys):
     for start in range(0, last + 1, 4096):
         streams.train.read(start, min(4096, last + 1 - start))
     streams.valid.read(0, 16 * 128 + 1)
-    for thread in threading.enumerate():
-        if thread.name == "epoch-build":
-            thread.join(30)
+    streams.train.wait_for_background()
+    streams.valid.wait_for_background()
     # Only the epoch after the last one of each stream, prepared ahead by the reader, is new.
     valid_needed = streams.valid.epoch_of(16 * 128) + 1
     ahead = {("train", needed), ("valid", valid_needed)}

@@ -54,9 +54,9 @@ def test_cached_index_reads_the_same_tokens_from_memory_mapped_files(two_dataset
     for a, b in zip(_reads(in_memory.train, positions), _reads(again.train, positions)):
         assert np.array_equal(a, b)
     assert again_cache.built == []
-    for thread in threading.enumerate():
-        if thread.name == "epoch-build":  # the next epoch, built ahead in the background
-            thread.join(30)
+    for streams in (cached, again):  # the next epochs, built ahead in the background
+        streams.train.wait_for_background()
+        streams.valid.wait_for_background()
     assert not [n for n in os.listdir(cache_dir) if n.startswith(".tmp-") or "building" in n]
 
 
