@@ -29,17 +29,22 @@ def _tool():
     return module
 
 
-def test_prebuilt_index_leaves_nothing_to_build_for_training(tmp_path, capsys):
+def _dataset_and_argv(tmp_path: Path, *extra: str) -> tuple[str, list[str]]:
+    """A 300-document dataset and the tool's arguments for the tiny CPU config reading it."""
     prefix = write_indexed_dataset(str(tmp_path / "web"), random_documents(4, 300, 3, 900, 40))
-    cache_dir = tmp_path / "index"
-    argv = [
+    config = str(Path(__file__).parents[2] / "examples/configs/tiny_cpu.yaml")
+    return prefix, [
         "--config",
-        str(Path(__file__).parents[2] / "examples/configs/tiny_cpu.yaml"),
+        config,
         f"--data.data_path=[{prefix}]",
         "--data.split=90,10",
-        "--epochs",
-        "2",
+        *extra,
     ]
+
+
+def test_prebuilt_index_leaves_nothing_to_build_for_training(tmp_path, capsys):
+    cache_dir = tmp_path / "index"
+    prefix, argv = _dataset_and_argv(tmp_path, "--epochs", "2")
     assert _tool().main(argv) == 1
     assert "index_cache_dir is not set" in capsys.readouterr().err
     assert _tool().main([*argv, f"--data.index_cache_dir={cache_dir}"]) == 0
@@ -57,17 +62,13 @@ def test_prebuilt_index_leaves_nothing_to_build_for_training(tmp_path, capsys):
 
 
 def test_default_builds_every_epoch_the_schedule_reads(tmp_path, capsys):
-    prefix = write_indexed_dataset(str(tmp_path / "web"), random_documents(5, 300, 3, 900, 40))
     cache_dir = tmp_path / "index"
-    argv = [
-        "--config",
-        str(Path(__file__).parents[2] / "examples/configs/tiny_cpu.yaml"),
-        f"--data.data_path=[{prefix}]",
-        "--data.split=90,10",
+    _, argv = _dataset_and_argv(
+        tmp_path,
         "--schedule.train_steps=20",
         "--schedule.lr_warmup_steps=2",
         f"--data.index_cache_dir={cache_dir}",
-    ]
+    )
     assert _tool().main(argv) == 0
     config = load_config(ExperimentConfig, argv[1], argv[2:])
     streams = build_token_streams(config.data, IndexCache(str(cache_dir)))
@@ -84,9 +85,11 @@ def test_default_builds_every_epoch_the_schedule_reads(tmp_path, capsys):
     streams.valid.read(0, 16 * 128 + 1)
     streams.train.wait_for_background()
     streams.valid.wait_for_background()
-    # Only the epoch after the last one of each stream, prepared ahead by the reader, is new.
+    # Only the epoch after the last one of each stream (with its dataset order), prepared ahead
+    # by the reader, is new.
     valid_needed = streams.valid.epoch_of(16 * 128) + 1
     ahead = {("train", needed), ("valid", valid_needed)}
     for name in cache.built:
         key = json.loads((cache_dir / name / "meta.json").read_text())["key"]
-        assert name.startswith("epoch-") and (key["sources"][0]["part"], key["epoch"]) in ahead
+        source = key["sources"][0] if name.startswith("epoch-") else key["source"]
+        assert (source["part"], key["epoch"]) in ahead, name
