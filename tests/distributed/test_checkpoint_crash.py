@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ext.training.schedule_config import ScheduleConfig
+from tests.distributed.small_trainer import SmallTrainer
 
 # Warmup over 2 steps to 1e-3, then cosine to 1e-4 at step 10, built as the training loop builds it.
 SCHEDULE = ScheduleConfig(lr=1e-3, min_lr_ratio=0.1, lr_warmup_steps=2, train_steps=10)
@@ -31,9 +32,10 @@ BIG = {
     "vocab_size": 32000,
 }
 SEQ = 32
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-class _Run:
+class _Run(SmallTrainer):
     """Model, optimizer and scheduler on a one-process gloo group."""
 
     def __init__(self, model_fields: dict, seed: int):
@@ -41,19 +43,18 @@ class _Run:
 
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
-        from megatron_ext.parallel.init import initialize_parallel
         from megatron_ext.training.optimizer import OptimizerConfig
-        from megatron_ext.training.trainable import build_trainable
 
         torch.manual_seed(seed)
-        parallel = ParallelConfig(device="cpu")
-        self.ctx = initialize_parallel(parallel, seed=seed)
         model_cfg = ModelConfig(**model_fields)
-        trainable = build_trainable(
-            model_cfg, parallel, PrecisionConfig(), OptimizerConfig(), SCHEDULE, self.ctx.device
+        super().__init__(
+            ParallelConfig(device="cpu"),
+            model_cfg,
+            PrecisionConfig(),
+            OptimizerConfig(),
+            SCHEDULE,
+            seed,
         )
-        self.model, self.optimizer = trainable.model, trainable.optimizer
-        self.scheduler = trainable.scheduler
         self.vocab = model_cfg.vocab_size
         self.config = {"seed": 1234, "model": dict(model_fields), "schedule": {"train_steps": 10}}
 
@@ -61,21 +62,10 @@ class _Run:
         import torch
 
         from megatron_ext.data.batches import split_micro_batches
-        from megatron_ext.training.step import train_step
 
         gen = torch.Generator().manual_seed(step)
         tokens = torch.randint(0, self.vocab, (4, SEQ + 1), generator=gen)
-        batches = split_micro_batches(tokens, 2)
-        result = train_step(
-            self.model,
-            self.optimizer,
-            batches,
-            SEQ,
-            self.ctx.torch_device,
-            self.ctx.pp_group(),
-            True,
-        )
-        self.scheduler.step(increment=1)
+        result = self.train_on(split_micro_batches(tokens, 2), SEQ)
         return result.loss, result.grad_norm
 
     def save(self, cfg, step: int) -> Path:
@@ -192,6 +182,8 @@ def _resume(root: Path) -> None:
 def _start(mode: str, root: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["PYTHONWARNINGS"] = "ignore"
+    # The script imports tests.distributed.small_trainer, as the test itself does.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
     return subprocess.Popen(
         [sys.executable, __file__, mode, str(root)],
         env=env,

@@ -24,6 +24,7 @@ import torch
 
 from megatron_ext.data.batches import split_micro_batches
 from megatron_ext.training.schedule_config import ScheduleConfig
+from tests.distributed.small_trainer import SmallTrainer
 
 # Warmup over 2 steps to 1e-3, then cosine to 1e-4 at step 10, built as the training loop builds it.
 SCHEDULE = ScheduleConfig(lr=1e-3, min_lr_ratio=0.1, lr_warmup_steps=2, train_steps=10)
@@ -44,52 +45,27 @@ def _micro_batches(step: int, dp_rank: int, dp: int) -> list[dict[str, torch.Ten
     return split_micro_batches(mine, MICRO_BATCH)
 
 
-class _Trainer:
-    """Model + DDP + distributed optimizer + LR scheduler of one phase."""
+class _Trainer(SmallTrainer):
+    """One phase's trainer, with the step and token position a checkpoint carries."""
 
     def __init__(self, tp: int, pp: int, seed: int):
-        from megatron.core import parallel_state
-
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
-        from megatron_ext.parallel.init import initialize_parallel
         from megatron_ext.training.optimizer import OptimizerConfig
-        from megatron_ext.training.trainable import build_trainable
 
-        self.parallel = ParallelConfig(
+        parallel = ParallelConfig(
             device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
         )
-        self.ctx = initialize_parallel(self.parallel, seed=seed)
-        trainable = build_trainable(
-            ModelConfig(),
-            self.parallel,
-            PrecisionConfig(),
-            OptimizerConfig(),
-            SCHEDULE,
-            self.ctx.device,
+        super().__init__(
+            parallel, ModelConfig(), PrecisionConfig(), OptimizerConfig(), SCHEDULE, seed
         )
-        self.model, self.optimizer = trainable.model, trainable.optimizer
-        self.scheduler = trainable.scheduler
-        self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.step = 0
         self.consumed_tokens = 0
         self.config = {"seed": 1234, "model": {"hidden_size": 64}, "parallel": {"tp": tp, "pp": pp}}
 
     def train(self, results: dict) -> None:
-        from megatron_ext.training.step import train_step
-
         ctx = self.ctx
-        batches = _micro_batches(self.step + 1, ctx.dp_rank, ctx.layout.dp)
-        result = train_step(
-            self.model,
-            self.optimizer,
-            batches,
-            SEQ,
-            ctx.torch_device,
-            ctx.pp_group(),
-            self.is_last_stage,
-        )
-        self.scheduler.step(increment=1)
+        result = self.train_on(_micro_batches(self.step + 1, ctx.dp_rank, ctx.layout.dp), SEQ)
         self.step += 1
         self.consumed_tokens += GLOBAL_BATCH * SEQ
         results[f"loss_{self.step}"] = result.loss
@@ -97,34 +73,10 @@ class _Trainer:
         results[f"lr_after_{self.step}"] = self.optimizer.param_groups[0]["lr"]
 
     def save(self, save_dir: Path) -> None:
-        from megatron_ext.checkpoint.config import CheckpointConfig
-        from megatron_ext.checkpoint.manager import save_checkpoint
-
-        save_checkpoint(
-            CheckpointConfig(save_dir=str(save_dir)),
-            save_dir.parent,
-            self.step,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            {"consumed_tokens": self.consumed_tokens},
-            self.config,
-            self.ctx,
-        )
+        self.save_to(save_dir, self.step, {"consumed_tokens": self.consumed_tokens}, self.config)
 
     def load(self, save_dir: Path, results: dict) -> None:
-        from megatron_ext.checkpoint.config import CheckpointConfig
-        from megatron_ext.checkpoint.manager import load_checkpoint
-
-        state = load_checkpoint(
-            CheckpointConfig(save_dir=str(save_dir)),
-            save_dir.parent,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.ctx,
-            self.config,
-        )
+        state = self.load_from(save_dir, self.config)
         self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
         results["resumed_step"] = self.step
         results["resumed_tokens"] = self.consumed_tokens

@@ -22,31 +22,26 @@ import pytest
 import torch
 
 from megatron_ext.parallel.local_launch import run_on_local_processes
+from tests.distributed.small_trainer import SmallTrainer
 
 SEQ, MICRO_BATCH, GLOBAL_BATCH, VOCAB = 32, 2, 8, 4096
 
 
-class _Run:
+class _Run(SmallTrainer):
     def __init__(self, fused: bool):
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
-        from megatron_ext.parallel.init import initialize_parallel
         from megatron_ext.training.optimizer import OptimizerConfig
         from megatron_ext.training.schedule_config import ScheduleConfig
-        from megatron_ext.training.trainable import build_trainable
 
-        parallel = ParallelConfig(device="cpu")
-        self.ctx = initialize_parallel(parallel, seed=1234)
-        trainable = build_trainable(
+        super().__init__(
+            ParallelConfig(device="cpu"),
             ModelConfig(vocab_size=VOCAB),
-            parallel,
             PrecisionConfig(),
             OptimizerConfig(fused_adamw=fused),
             ScheduleConfig(lr=1e-3, min_lr_ratio=0.1, lr_warmup_steps=2, train_steps=10),
-            self.ctx.device,
+            seed=1234,
         )
-        self.model, self.optimizer = trainable.model, trainable.optimizer
-        self.scheduler = trainable.scheduler
         self.step = 0
 
     def kernels(self) -> list[tuple]:
@@ -58,7 +53,6 @@ class _Run:
 
     def train(self) -> float:
         from megatron_ext.data.batches import split_micro_batches
-        from megatron_ext.training.step import train_step
 
         self.step += 1
         tokens = torch.randint(
@@ -66,29 +60,14 @@ class _Run:
         )
         share = GLOBAL_BATCH // self.ctx.layout.dp
         mine = tokens[self.ctx.dp_rank * share : (self.ctx.dp_rank + 1) * share]
-        result = train_step(
-            self.model,
-            self.optimizer,
-            split_micro_batches(mine, MICRO_BATCH),
-            SEQ,
-            self.ctx.torch_device,
-            self.ctx.pp_group(),
-            True,
-        )
-        self.scheduler.step(increment=1)
-        return result.loss
+        return self.train_on(split_micro_batches(mine, MICRO_BATCH), SEQ).loss
 
     def checkpoint(self, save_dir: Path, load: bool) -> None:
-        from megatron_ext.checkpoint.config import CheckpointConfig
-        from megatron_ext.checkpoint.manager import load_checkpoint, save_checkpoint
-
-        cfg = CheckpointConfig(save_dir=str(save_dir))
         config = {"seed": 1234}
-        parts = (self.model, self.optimizer, self.scheduler)
         if load:
-            self.step = load_checkpoint(cfg, save_dir.parent, *parts, self.ctx, config)["step"]
+            self.step = self.load_from(save_dir, config)["step"]
         else:
-            save_checkpoint(cfg, save_dir.parent, self.step, *parts, {}, config, self.ctx)
+            self.save_to(save_dir, self.step, {}, config)
 
 
 def worker(rank: int, phase: str, root: str) -> dict:

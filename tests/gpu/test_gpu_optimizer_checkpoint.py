@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from megatron_ext.data.batches import split_micro_batches
+from tests.distributed.small_trainer import SmallTrainer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,17 +30,13 @@ pytestmark = [
 SEQ, MICRO_BATCH, VOCAB = 256, 2, 8192
 
 
-class _Run:
+class _Run(SmallTrainer):
     def __init__(self, device: str, seed: int):
         from megatron_ext.models.config import ModelConfig, PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
-        from megatron_ext.parallel.init import initialize_parallel
         from megatron_ext.training.optimizer import OptimizerConfig
         from megatron_ext.training.schedule_config import ScheduleConfig
-        from megatron_ext.training.trainable import build_trainable
 
-        parallel = ParallelConfig(device=device)
-        self.ctx = initialize_parallel(parallel, seed=seed)
         model_cfg = ModelConfig(
             hidden_size=256,
             ffn_hidden_size=704,
@@ -49,68 +46,27 @@ class _Run:
             compile_layers="off",
             fused_cross_entropy="off",
         )
-        trainable = build_trainable(
+        super().__init__(
+            ParallelConfig(device=device),
             model_cfg,
-            parallel,
             PrecisionConfig(dtype="bf16" if device == "cuda" else "fp32"),
             OptimizerConfig(),
             ScheduleConfig(lr=1e-3, min_lr_ratio=0.1, lr_warmup_steps=2, train_steps=10),
-            self.ctx.device,
+            seed=seed,
         )
-        self.model, self.optimizer = trainable.model, trainable.optimizer
-        self.scheduler = trainable.scheduler
         self.step = 0
 
     def train(self) -> float:
-        from megatron_ext.training.step import train_step
-
         self.step += 1
         gen = torch.Generator().manual_seed(self.step)
         tokens = torch.randint(0, VOCAB, (2 * MICRO_BATCH, SEQ + 1), generator=gen)
-        batches = split_micro_batches(tokens, MICRO_BATCH)
-        result = train_step(
-            self.model,
-            self.optimizer,
-            batches,
-            SEQ,
-            self.ctx.torch_device,
-            self.ctx.pp_group(),
-            True,
-        )
-        self.scheduler.step(increment=1)
-        return result.loss
+        return self.train_on(split_micro_batches(tokens, MICRO_BATCH), SEQ).loss
 
     def save(self, save_dir: Path, background=None) -> None:
-        from megatron_ext.checkpoint.config import CheckpointConfig
-        from megatron_ext.checkpoint.manager import save_checkpoint
-
-        save_checkpoint(
-            CheckpointConfig(save_dir=str(save_dir)),
-            save_dir.parent,
-            self.step,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            {},
-            {"seed": 1},
-            self.ctx,
-            background,
-        )
+        self.save_to(save_dir, self.step, {}, {"seed": 1}, background)
 
     def load(self, save_dir: Path) -> None:
-        from megatron_ext.checkpoint.config import CheckpointConfig
-        from megatron_ext.checkpoint.manager import load_checkpoint
-
-        state = load_checkpoint(
-            CheckpointConfig(save_dir=str(save_dir)),
-            save_dir.parent,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.ctx,
-            {"seed": 1},
-        )
-        self.step = state["step"]
+        self.step = self.load_from(save_dir, {"seed": 1})["step"]
 
 
 def _full_tensors(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
