@@ -16,6 +16,10 @@ until its first batch. PSS is split into anonymous memory (the process's own arr
 reclaimable) and file-backed pages (the mapped index, dataset ``.bin``/``.idx`` pages: shared
 by the node and reclaimable page cache). Printed: per mode the sums over processes (the node's
 memory) and the slowest first batch, and the ratios of ``cold`` and ``warm`` to ``memory``.
+Then one more process, alone, builds the index of the first blended epoch (the split, each
+dataset's order, the epoch) into an empty directory, as ``tools/build_data_index.py`` does, and
+reports its peak resident memory above what it held before, per training document, against the
+size of what it wrote (the ratio says how many times the index itself the builder needs).
 CPU example (about 3 minutes on 2 cores; results in docs/data_and_schedules.md):
 
     python benchmarks/data_index_memory.py --documents 4000000 --processes 4
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +48,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--datasets", type=int, default=2, help="datasets blended")
     parser.add_argument("--processes", type=int, default=4, help="reading processes")
     parser.add_argument("--batch-tokens", type=int, default=2 * 8192, help="tokens per read")
+    parser.add_argument(
+        "--build-only", action="store_true", help="measure only the process that builds"
+    )
     return parser.parse_args()
 
 
@@ -88,6 +96,29 @@ def _reader(config: DataConfig, batch_tokens: int, start_gate, results) -> None:
     results.put((_pss_bytes() - before, first_batch_s))
 
 
+def _builder(config: DataConfig, results) -> None:
+    with open("/proc/self/status") as f:
+        before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+    start = time.perf_counter()
+    streams = build_token_streams(config, IndexCache(config.index_cache_dir))
+    streams.train.prepare_epochs(1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    documents = sum(len(source) for source in streams.train.sources)
+    results.put((peak - before, time.perf_counter() - start, documents))
+
+
+def _measure_build(config: DataConfig) -> tuple[int, float, int]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    worker = ctx.Process(target=_builder, args=(config, results))
+    worker.start()
+    report = results.get(timeout=1800)
+    worker.join()
+    if worker.exitcode != 0:
+        raise RuntimeError(f"the builder exited with code {worker.exitcode}")
+    return report
+
+
 def _measure(config: DataConfig, processes: int, batch_tokens: int) -> tuple[np.ndarray, float]:
     ctx = mp.get_context("spawn")
     gate, results = ctx.Barrier(processes), ctx.Queue()
@@ -105,6 +136,10 @@ def _measure(config: DataConfig, processes: int, batch_tokens: int) -> tuple[np.
     return sum(r[0] for r in reports), max(r[1] for r in reports)
 
 
+def _bytes_under(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
 def main() -> None:
     args = _parse()
     with tempfile.TemporaryDirectory(prefix="data_index_bench_") as tmp:
@@ -119,12 +154,27 @@ def main() -> None:
         measured = {
             name: _measure(config, args.processes, args.batch_tokens)
             for name, config in modes.items()
+            if not args.build_only
         }
-        on_disk = sum(p.stat().st_size for p in (tmp_path / "index").rglob("*") if p.is_file())
-    documents = args.datasets * args.documents
+        on_disk = 0 if args.build_only else _bytes_under(tmp_path / "index")
+        build_dir = tmp_path / "index_build"
+        build_peak, build_s, train_documents = _measure_build(
+            DataConfig(**base, index_cache_dir=str(build_dir))
+        )
+        build_on_disk = _bytes_under(build_dir)
+    if measured:
+        _print_readers(measured, args.datasets * args.documents, args.processes, on_disk)
     print(
-        f"{documents:,} documents, {args.processes} processes, index on disk "
-        f"{on_disk / 2**20:.0f} MiB"
+        f"building the first epoch's index in one process: peak {build_peak / 2**20:.0f} MiB "
+        f"above its start, {build_peak / train_documents:.1f} bytes per training document, "
+        f"{build_s:.1f} s; written {build_on_disk / train_documents:.1f} bytes per document; "
+        f"peak/written {build_peak / build_on_disk:.2f}"
+    )
+
+
+def _print_readers(measured: dict, documents: int, processes: int, on_disk: int) -> None:
+    print(
+        f"{documents:,} documents, {processes} processes, index on disk {on_disk / 2**20:.0f} MiB"
     )
     print("PSS added by the index and the reads, summed over the processes (MiB):")
     print(f"{'mode':<8} {'anonymous':>10} {'file-backed':>12} {'total':>8} {'first batch s':>14}")

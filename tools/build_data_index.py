@@ -11,6 +11,10 @@ training, in the background, by one process. CPU example:
 By default it builds every blended epoch the run will read (from ``schedule``: all steps, with
 the curriculum) and the validation epochs its evaluations read; ``--epochs N`` builds the first
 N training epochs instead.
+
+``--prune`` then deletes every other entry of the directory (old datasets, seeds, weights,
+splits; other experiments' entries, if they share the directory: those are built again when
+read) and what killed builders left behind, and says how much it freed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 
 from megatron_ext.config.errors import ConfigError, ProblemCollector
 from megatron_ext.config.loader import load_config
-from megatron_ext.data.index_cache import IndexCache
+from megatron_ext.data.index_cache import IndexCache, prune
 from megatron_ext.data.token_stream import build_token_streams
 from megatron_ext.training.experiment import ExperimentConfig
 from megatron_ext.training.schedules import check_schedule, planned_tokens
@@ -47,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="the run's data-parallel size; only a token-based curriculum without "
         "schedule.curriculum.batch_multiple depends on it (default: 1)",
+    )
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="afterwards, delete the directory's entries that this run does not read",
     )
     return parser
 
@@ -77,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             schedule = cfg.schedule
             last = cfg.training.eval_iters * schedule.global_batch_size * schedule.seq_length
             streams.valid.prepare_epochs(streams.valid.epoch_of(last) + 1)
+        pruned = prune(data.index_cache_dir, cache.used) if args.prune else None
     except (ConfigError, ValueError, OSError) as exc:
         print(f"build_data_index: {exc}", file=sys.stderr)
         return 1
@@ -90,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{data.index_cache_dir} ({time.perf_counter() - start:.1f} s); {epochs} training "
         f"epoch(s) of about {streams.train.tokens_per_epoch_nominal:,} tokens"
     )
+    if pruned is not None:
+        print(
+            f"pruned {len(pruned.removed)} item(s) this run does not read, "
+            f"{pruned.freed_bytes / 2**20:.1f} MiB freed"
+        )
     return 0
 
 

@@ -46,7 +46,7 @@ def stable_permutation(n: int, key: Sequence[int]) -> np.ndarray:
     a run resumed under another numpy version reads the same data order.
     """
     seed = np.random.SeedSequence([int(k) for k in key]).generate_state(4)
-    return np.random.RandomState(seed).permutation(n).astype(np.int64)
+    return np.random.RandomState(seed).permutation(n).astype(np.int64, copy=False)
 
 
 def blend_quotas(dataset_tokens: Sequence[int], weights: Sequence[float] | None) -> list[int]:
@@ -77,32 +77,35 @@ def blend_quotas(dataset_tokens: Sequence[int], weights: Sequence[float] | None)
     return quotas
 
 
-def interleave_order(lengths_per_dataset: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Merge documents of several datasets by token share.
+def interleave_permutation(
+    lengths_per_dataset: Sequence[np.ndarray], chunk: int = 1 << 22
+) -> np.ndarray:
+    """Merge documents of several datasets by token share; indices into their concatenation.
 
     ``lengths_per_dataset[d]`` are the lengths of the documents dataset ``d`` contributes, in
     the order they must appear. Each document is placed at the fraction of its dataset's tokens
     that is complete at its midpoint; documents are merged by that fraction (ties: lower dataset
-    index first). Returns ``(dataset_ids, index_within_dataset)`` of the merged order.
+    index first, then earlier document). Returns, for each place of the merged order, the index
+    of its document in ``concatenate(lengths_per_dataset)`` (int64).
+
+    Each dataset's fractions are already sorted, so a stable sort of all of them is a merge of
+    sorted runs (timsort); the fractions are computed ``chunk`` documents at a time, and the
+    memory needed is the 8-byte fraction and the 8-byte result per document.
     """
-    keys, dataset_ids, positions = [], [], []
-    for d, lengths in enumerate(lengths_per_dataset):
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if lengths.size == 0:
-            continue
-        total = int(lengths.sum())
-        before = np.cumsum(lengths) - lengths
-        if total > 0:
-            keys.append((before + 0.5 * lengths) / total)
-        else:
-            keys.append(np.zeros(lengths.size))
-        dataset_ids.append(np.full(lengths.size, d, dtype=np.int64))
-        positions.append(np.arange(lengths.size, dtype=np.int64))
-    if not keys:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
-    key = np.concatenate(keys)
-    ids = np.concatenate(dataset_ids)
-    pos = np.concatenate(positions)
-    order = np.lexsort((pos, ids, key))
-    return ids[order], pos[order]
+    sizes = [len(lengths) for lengths in lengths_per_dataset]
+    key = np.empty(sum(sizes), dtype=np.float64)
+    at = 0
+    for lengths, size in zip(lengths_per_dataset, sizes):
+        total = int(np.asarray(lengths).sum(dtype=np.int64))
+        done = 0  # tokens of this dataset before the current chunk
+        for a in range(0, size, chunk):
+            part = np.asarray(lengths[a : a + chunk], dtype=np.int64)
+            before = np.cumsum(part)
+            before += done - part
+            done = int(before[-1] + part[-1])
+            if total > 0:
+                key[at + a : at + a + part.size] = (before + 0.5 * part) / total
+            else:
+                key[at + a : at + a + part.size] = 0.0
+        at += size
+    return np.argsort(key, kind="stable")

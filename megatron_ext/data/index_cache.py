@@ -16,8 +16,10 @@ renamed into place in one step, and two processes that build the same entry buil
 bytes, so whichever rename lands second is simply discarded. A ``<entry>.building`` marker,
 created exclusively and touched every few seconds while building, only keeps other processes
 from duplicating the work: they wait for the entry instead. A marker that stops changing for
-``stale_after_s`` (its builder died) is taken over. Processes on other nodes see the same
-protocol when the directory is shared; a node-local directory is built once per node.
+``stale_after_s`` (its builder died) is taken over, and the dead builder's temporary
+directories of that entry are deleted. Processes on other nodes see the same protocol when the
+directory is shared; a node-local directory is built once per node. ``prune`` deletes the
+entries a run does not read (``tools/build_data_index.py --prune``).
 
 Without a directory the arrays are built in memory, by the same functions.
 """
@@ -29,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -42,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 HEARTBEAT_S = 5.0
+_ENTRY_NAME = re.compile(r"[a-z_]+-[0-9a-f]{24}")
 STALE_AFTER_S = 300.0  # generous: NFS may cache a file's attributes for up to a minute
 
 
@@ -65,6 +69,8 @@ class IndexCache:
     poll_s: float = 0.2
     built: list[str] = field(default_factory=list)
     """Names of the entries this process built (for logs and tests)."""
+    used: set[str] = field(default_factory=set)
+    """Names of every entry this process loaded or built (what ``prune`` keeps)."""
 
     def __post_init__(self) -> None:
         if self.directory is not None:
@@ -75,6 +81,7 @@ class IndexCache:
         if self.directory is None:
             return build()
         name = entry_name(kind, key)
+        self.used.add(name)
         path = os.path.join(self.directory, name)
         marker = path + ".building"
         last_seen: tuple[float, float] | None = None  # (marker mtime, when it last changed)
@@ -104,6 +111,9 @@ class IndexCache:
                     now - last_seen[1],
                 )
                 _remove(marker)
+                for temp in _stale_temps(self.directory, name, self.stale_after_s):
+                    logger.warning("index entry %s: removing %s, left by its builder", name, temp)
+                    shutil.rmtree(temp, ignore_errors=True)
                 last_seen = None
                 continue
             time.sleep(self.poll_s)
@@ -128,6 +138,44 @@ class IndexCache:
             "built index entry %s in %.1f s", os.path.basename(path), time.perf_counter() - start
         )
         return _load(path, kind, key)
+
+
+@dataclass
+class PruneReport:
+    removed: list[str]  # paths, relative to the directory
+    freed_bytes: int
+
+
+def prune(directory: str, keep: set[str], stale_after_s: float = STALE_AFTER_S) -> PruneReport:
+    """Delete the entries of ``directory`` not named in ``keep``, and what dead builders left.
+
+    Removes every entry directory (``<kind>-<digest>`` holding a ``meta.json``) whose name is
+    not in ``keep``, and build markers and ``.tmp-`` directories unchanged for ``stale_after_s``
+    (their builder is gone). Anything else in the directory is left alone. A process that has
+    an entry memory-mapped keeps reading it (the files stay until unmapped); one that loads it
+    later builds it again.
+    """
+    removed, freed = [], 0
+    now = time.time()
+    for item in sorted(os.scandir(directory), key=lambda e: e.name):
+        if item.is_dir(follow_symlinks=False) and _ENTRY_NAME.fullmatch(item.name):
+            if item.name in keep or not os.path.exists(os.path.join(item.path, "meta.json")):
+                continue
+        elif item.name.startswith(".tmp-") and item.is_dir(follow_symlinks=False):
+            if now - _newest_mtime(item.path) <= stale_after_s:
+                continue
+        elif item.name.endswith(".building") and item.is_file(follow_symlinks=False):
+            if now - item.stat().st_mtime <= stale_after_s:
+                continue
+        else:
+            continue
+        freed += _tree_bytes(item.path)
+        if item.is_dir(follow_symlinks=False):
+            shutil.rmtree(item.path, ignore_errors=True)
+        else:
+            _remove(item.path)
+        removed.append(item.name)
+    return PruneReport(removed, freed)
 
 
 def entry_name(kind: str, key: dict) -> str:
@@ -234,6 +282,36 @@ def _mtime(path: str) -> float | None:
         return os.stat(path).st_mtime
     except FileNotFoundError:
         return None
+
+
+def _stale_temps(directory: str, name: str, stale_after_s: float) -> list[str]:
+    """Temporary directories of entry ``name`` that nothing wrote to for ``stale_after_s``."""
+    now = time.time()
+    return [
+        item.path
+        for item in os.scandir(directory)
+        if item.name.startswith(f".tmp-{name}-")
+        and item.is_dir(follow_symlinks=False)
+        and now - _newest_mtime(item.path) > stale_after_s
+    ]
+
+
+def _newest_mtime(path: str) -> float:
+    newest = os.stat(path).st_mtime
+    for root, _, names in os.walk(path):
+        for file in names:
+            newest = max(newest, _mtime(os.path.join(root, file)) or newest)
+    return newest
+
+
+def _tree_bytes(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(
+        os.path.getsize(os.path.join(root, file))
+        for root, _, names in os.walk(path)
+        for file in names
+    )
 
 
 def _remove(path: str) -> None:

@@ -1,11 +1,11 @@
 """An infinite, blended, deterministic token stream over Megatron indexed datasets.
 
 Documents of every dataset are shuffled per dataset epoch (seeded), the datasets are merged by
-their token share (``blend.interleave_order``) and the merged documents are concatenated, epoch
-after epoch, into one stream. ``TokenStream.read(start, n)`` returns the tokens at any absolute
-position without materialising the stream: each blended epoch is three arrays of the size of its
-document count (dataset id, document, start position), built on first use and cached; locating a
-position is a ``searchsorted`` (O(log documents)).
+their token share (``blend.interleave_permutation``) and the merged documents are concatenated,
+epoch after epoch, into one stream. ``TokenStream.read(start, n)`` returns the tokens at any
+absolute position without materialising the stream: each blended epoch is three arrays of the
+size of its document count (dataset id, document, start position), built on first use and
+cached; locating a position is a ``searchsorted`` (O(log documents)).
 
 Layout of the stream, for datasets ``d`` with per-epoch token quota ``q_d``:
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_ext.data.blend import blend_quotas, interleave_order, stable_permutation
+from megatron_ext.data.blend import blend_quotas, interleave_permutation, stable_permutation
 from megatron_ext.data.config import DataConfig, parse_split
 from megatron_ext.data.documents import SPLIT_NAMES, DocumentSource, index_dtype, split_index
 from megatron_ext.data.index_cache import IndexCache, IndexEntry
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 # lengths, one cached order per dataset epoch (up to three), up to three blended epochs.
 _IN_MEMORY_BYTES_PER_DOCUMENT = 12 + 3 * 12 + 3 * 14
 _IN_MEMORY_WARNING_BYTES = 2 * 2**30
+_BUILD_CHUNK = 1 << 20  # documents per step of an epoch build's temporary arrays
 
 
 @dataclass
@@ -119,8 +120,7 @@ class TokenStream:
             order = stable_permutation(n, (self.seed, d, p)).astype(index_dtype(n))
         else:
             order = np.arange(n, dtype=index_dtype(n))
-        starts = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(self.sources[d].lengths[order], dtype=np.int64, out=starts[1:])
+        starts = _running_starts(self.sources[d].lengths, order, 0)
         return IndexEntry({"order": order, "starts": starts}, {})
 
     def _first_doc_at(self, d: int, target: int) -> tuple[int, int]:
@@ -157,33 +157,49 @@ class TokenStream:
         return _Epoch(**entry.arrays)
 
     def _build_epoch(self, e: int) -> IndexEntry:
-        lengths, locals_ = [], []
-        for d, q in enumerate(self.quotas):
-            k0, _ = self._first_doc_at(d, e * q)
-            k1, _ = self._first_doc_at(d, (e + 1) * q)
-            n = len(self.sources[d])
-            ks = np.arange(k0, k1, dtype=np.int64)
-            local = np.empty(ks.size, dtype=np.int64)
-            for p in np.unique(ks // n):
-                sel = ks // n == p
-                order, _ = self._dataset_epoch(d, int(p))
-                local[sel] = order[ks[sel] % n]
-            locals_.append(local)
-            lengths.append(self.sources[d].lengths[local])
-        dataset_ids, positions = interleave_order(lengths)
+        """Epoch ``e``'s arrays, in about 30 bytes per document of working memory.
+
+        Each dataset's documents of the epoch are contiguous runs of its epoch orders; they are
+        copied once into one array (with their lengths), merged by ``interleave_permutation``,
+        and the outputs are filled ``_BUILD_CHUNK`` documents at a time.
+        """
         largest = max(len(s) for s in self.sources)
-        local_docs = np.empty(dataset_ids.size, dtype=index_dtype(largest))
-        doc_lengths = np.empty(dataset_ids.size, dtype=np.int64)
-        for d in range(len(self.sources)):
-            sel = dataset_ids == d
-            local_docs[sel] = locals_[d][positions[sel]]
-            doc_lengths[sel] = lengths[d][positions[sel]]
-        starts = np.empty(dataset_ids.size + 1, dtype=np.int64)
-        starts[0] = self._epoch_start(e)
-        np.cumsum(doc_lengths, out=starts[1:])
-        starts[1:] += starts[0]
-        arrays = {"dataset_ids": dataset_ids.astype(np.int16), "local_docs": local_docs}
-        return IndexEntry(arrays | {"starts": starts}, {})
+        runs = [self._epoch_documents(d, e) for d in range(len(self.sources))]
+        total = sum(k1 - k0 for k0, k1 in runs)
+        local_of = np.empty(total, dtype=index_dtype(largest))
+        length_of = np.empty(total, dtype=np.result_type(*(s.lengths for s in self.sources)))
+        bounds = np.zeros(len(self.sources), dtype=np.int64)  # end of each dataset's part
+        at = 0
+        for d, (k0, k1) in enumerate(runs):
+            n = len(self.sources[d])
+            k = k0
+            while k < k1:
+                p, i = divmod(k, n)
+                order, _ = self._dataset_epoch(d, p)
+                piece = order[i : i + min(k1 - k, n - i)]
+                local_of[at : at + piece.size] = piece
+                length_of[at : at + piece.size] = self.sources[d].lengths[piece]
+                at += piece.size
+                k += piece.size
+            bounds[d] = at
+        parts = np.concatenate([[0], bounds])
+        merged = interleave_permutation(
+            [length_of[a:b] for a, b in zip(parts[:-1], parts[1:])], _BUILD_CHUNK
+        )
+        dataset_ids = np.empty(total, dtype=np.int16)
+        local_docs = np.empty(total, dtype=index_dtype(largest))
+        for a in range(0, total, _BUILD_CHUNK):
+            chunk = merged[a : a + _BUILD_CHUNK]
+            dataset_ids[a : a + chunk.size] = np.searchsorted(bounds, chunk, side="right")
+            local_docs[a : a + chunk.size] = local_of[chunk]
+        starts = _running_starts(length_of, merged, self._epoch_start(e))
+        arrays = {"dataset_ids": dataset_ids, "local_docs": local_docs, "starts": starts}
+        return IndexEntry(arrays, {})
+
+    def _epoch_documents(self, d: int, e: int) -> tuple[int, int]:
+        """``[k0, k1)``: the documents of dataset ``d``'s own sequence in blended epoch ``e``."""
+        q = self.quotas[d]
+        return self._first_doc_at(d, e * q)[0], self._first_doc_at(d, (e + 1) * q)[0]
 
     def _epoch(self, e: int) -> _Epoch:
         """Epoch ``e``, built once; concurrent callers wait for the one building it."""
@@ -349,3 +365,17 @@ def _report_index_memory(train_sources: Sequence[DocumentSource], cache: IndexCa
             documents,
             estimate / 2**30,
         )
+
+
+def _running_starts(lengths: np.ndarray, order: np.ndarray, first: int) -> np.ndarray:
+    """``first`` and the running sums of ``lengths[order]`` (int64, ``order.size + 1``).
+
+    Gathered ``_BUILD_CHUNK`` documents at a time, so no full-size temporary is made.
+    """
+    starts = np.empty(order.size + 1, dtype=np.int64)
+    starts[0] = first
+    for a in range(0, order.size, _BUILD_CHUNK):
+        b = min(a + _BUILD_CHUNK, order.size)
+        np.cumsum(lengths[order[a:b]], dtype=np.int64, out=starts[a + 1 : b + 1])
+        starts[a + 1 : b + 1] += starts[a]
+    return starts

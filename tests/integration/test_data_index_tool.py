@@ -93,3 +93,30 @@ def test_default_builds_every_epoch_the_schedule_reads(tmp_path, capsys):
         key = json.loads((cache_dir / name / "meta.json").read_text())["key"]
         source = key["sources"][0] if name.startswith("epoch-") else key["source"]
         assert (source["part"], key["epoch"]) in ahead, name
+
+
+def test_prune_deletes_what_the_run_no_longer_reads(tmp_path, capsys):
+    cache_dir = tmp_path / "index"
+    prefix, argv = _dataset_and_argv(
+        tmp_path, "--epochs", "2", f"--data.index_cache_dir={cache_dir}"
+    )
+    assert _tool().main(argv) == 0
+    first = {p.name for p in cache_dir.iterdir()}
+    capsys.readouterr()
+
+    # The training seed changes: the split stays, every shuffled order and epoch is new.
+    assert _tool().main([*argv, "--data.seed=7", "--prune"]) == 0
+    out = capsys.readouterr().out
+    second = {p.name for p in cache_dir.iterdir()}
+    kept = first & second
+    assert kept and all(name.startswith("split-") for name in kept)
+    pruned = first - second
+    assert pruned and {name.split("-")[0] for name in pruned} == {"order", "epoch"}
+    assert f"pruned {len(pruned)} item(s)" in out
+
+    config = DataConfig(data_path=[prefix], split="90,10", seed=7, index_cache_dir=str(cache_dir))
+    cache = IndexCache(str(cache_dir))
+    streams = build_token_streams(config, cache)
+    streams.train.read(0, streams.train.tokens_per_epoch_nominal)
+    streams.valid.read(0, 100)
+    assert cache.built == [], "the entries the run reads were kept"

@@ -13,7 +13,7 @@ import pytest
 
 from megatron_ext.config.errors import ProblemCollector
 from megatron_ext.data.config import DataConfig
-from megatron_ext.data.index_cache import IndexCache, IndexEntry, entry_name
+from megatron_ext.data.index_cache import IndexCache, IndexEntry, entry_name, prune
 from megatron_ext.data.token_stream import build_token_streams
 from tests.unit.data.conftest import random_documents, write_indexed_dataset
 
@@ -112,12 +112,16 @@ def test_a_dead_builder_is_taken_over_and_a_failed_build_leaves_nothing(tmp_path
     key = {"k": 2}
     marker = tmp_path / (entry_name("t", key) + ".building")
     marker.write_text("other-host 1234\n")  # its builder died: the marker never changes
-    (tmp_path / f".tmp-{entry_name('t', key)}-other-host-1234-1").mkdir()  # its partial output
+    partial = _temp_dir(tmp_path, entry_name("t", key), "other-host-1234-1", age_s=3600)
+    # A temporary directory still being written (a builder that took over just before us) stays.
+    live = _temp_dir(tmp_path, entry_name("t", key), "third-host-77-1", age_s=-60)
     with caplog.at_level(logging.WARNING, logger="megatron_ext.data.index_cache"):
         entry = cache.get("t", key, lambda: IndexEntry({"x": np.ones(3)}, {}))
     assert entry.arrays["x"].tolist() == [1.0, 1.0, 1.0]
     assert "stopped updating" in caplog.text
     assert not marker.exists()
+    assert not partial.exists() and f"removing {partial}" in caplog.text
+    assert live.exists()
 
     def failing() -> IndexEntry:
         raise OSError("disk full")
@@ -127,6 +131,54 @@ def test_a_dead_builder_is_taken_over_and_a_failed_build_leaves_nothing(tmp_path
     assert not (tmp_path / (entry_name("t", {"k": 3}) + ".building")).exists()
     assert not (tmp_path / entry_name("t", {"k": 3})).exists()
     assert cache.get("t", {"k": 3}, lambda: IndexEntry({"x": np.zeros(2)}, {})).arrays["x"].size
+
+
+def _temp_dir(directory, entry: str, builder: str, age_s: float):
+    """A builder's temporary directory with one file, last written ``age_s`` ago."""
+    temp = directory / f".tmp-{entry}-{builder}"
+    temp.mkdir()
+    (temp / "order.npy").write_bytes(b"x" * 100)
+    when = time.time() - age_s
+    for path in (temp / "order.npy", temp):
+        os.utime(path, (when, when))
+    return temp
+
+
+def test_prune_keeps_what_is_named_and_what_is_in_use(tmp_path):
+    cache = IndexCache(str(tmp_path))
+    for k in range(3):
+        cache.get("order", {"k": k}, lambda: IndexEntry({"x": np.arange(1000)}, {}))
+    names = [entry_name("order", {"k": k}) for k in range(3)]
+    assert cache.used == set(names)
+    stale_marker = tmp_path / "epoch-0123456789abcdef01234567.building"
+    stale_marker.write_text("gone-host 1\n")
+    os.utime(stale_marker, (time.time() - 3600,) * 2)
+    fresh_marker = tmp_path / "epoch-89abcdef0123456789abcdef.building"
+    fresh_marker.write_text("busy-host 2\n")
+    stale_temp = _temp_dir(tmp_path, names[0], "gone-host-1-1", age_s=3600)
+    fresh_temp = _temp_dir(tmp_path, names[1], "busy-host-2-1", age_s=0)
+    (tmp_path / "notes.txt").write_text("not an index entry")
+    (tmp_path / "order-notanentry").mkdir()
+
+    report = prune(str(tmp_path), keep={names[0]})
+
+    removed = [names[1], names[2], stale_marker.name, stale_temp.name]
+    assert sorted(report.removed) == sorted(removed)
+    entry_bytes = sum(f.stat().st_size for f in (tmp_path / names[0]).iterdir())
+    assert report.freed_bytes == 2 * entry_bytes + len("gone-host 1\n") + 100
+    remaining = {p.name for p in tmp_path.iterdir()}
+    assert remaining == {
+        names[0],
+        fresh_marker.name,
+        fresh_temp.name,
+        "notes.txt",
+        "order-notanentry",
+    }
+    # A pruned entry is built again when read; a kept one is only loaded.
+    again = IndexCache(str(tmp_path))
+    again.get("order", {"k": 0}, lambda: IndexEntry({"x": np.arange(1000)}, {}))
+    again.get("order", {"k": 2}, lambda: IndexEntry({"x": np.arange(1000)}, {}))
+    assert again.built == [names[2]]
 
 
 def test_an_entry_that_does_not_match_its_name_is_a_clear_error(tmp_path):
