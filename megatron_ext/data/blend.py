@@ -78,7 +78,7 @@ def blend_quotas(dataset_tokens: Sequence[int], weights: Sequence[float] | None)
 
 
 def interleave_permutation(
-    lengths_per_dataset: Sequence[np.ndarray], chunk: int = 1 << 22
+    lengths_per_dataset: Sequence[np.ndarray], chunk: int = 1 << 20
 ) -> np.ndarray:
     """Merge documents of several datasets by token share; indices into their concatenation.
 
@@ -89,8 +89,8 @@ def interleave_permutation(
     of its document in ``concatenate(lengths_per_dataset)`` (int64).
 
     Each dataset's fractions are already sorted, so a stable sort of all of them is a merge of
-    sorted runs (timsort); the fractions are computed ``chunk`` documents at a time, and the
-    memory needed is the 8-byte fraction and the 8-byte result per document.
+    sorted runs (timsort); the fractions are computed ``chunk`` documents at a time. Memory: the
+    8-byte fraction and the 8-byte result per document, and the sort's buffer (at most 4 more).
     """
     sizes = [len(lengths) for lengths in lengths_per_dataset]
     key = np.empty(sum(sizes), dtype=np.float64)

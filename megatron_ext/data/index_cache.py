@@ -45,8 +45,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 HEARTBEAT_S = 5.0
-_ENTRY_NAME = re.compile(r"[a-z_]+-[0-9a-f]{24}")
 STALE_AFTER_S = 300.0  # generous: NFS may cache a file's attributes for up to a minute
+_ENTRY_NAME = re.compile(r"[a-z_]+-[0-9a-f]{24}")  # what ``entry_name`` returns
 
 
 @dataclass
@@ -142,7 +142,7 @@ class IndexCache:
 
 @dataclass
 class PruneReport:
-    removed: list[str]  # paths, relative to the directory
+    removed: list[str]  # names in the directory
     freed_bytes: int
 
 
