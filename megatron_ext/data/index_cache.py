@@ -67,6 +67,10 @@ class IndexCache:
     directory: str | None = None
     stale_after_s: float = STALE_AFTER_S
     poll_s: float = 0.2
+    """First wait between looks at a marker; each further wait is 1.5 times longer, up to
+    ``max_poll_s``, so that a thousand ranks waiting on a shared filesystem do not load its
+    metadata server during a build of many minutes."""
+    max_poll_s: float = 2.0
     built: list[str] = field(default_factory=list)
     """Names of the entries this process built (for logs and tests)."""
     used: set[str] = field(default_factory=set)
@@ -85,6 +89,7 @@ class IndexCache:
         path = os.path.join(self.directory, name)
         marker = path + ".building"
         last_seen: tuple[float, float] | None = None  # (marker mtime, when it last changed)
+        delay = self.poll_s
         while True:
             if os.path.isdir(path):
                 return _load(path, kind, key)
@@ -116,7 +121,8 @@ class IndexCache:
                     shutil.rmtree(temp, ignore_errors=True)
                 last_seen = None
                 continue
-            time.sleep(self.poll_s)
+            time.sleep(delay)
+            delay = min(delay * 1.5, self.max_poll_s)
 
     def _build_and_publish(
         self, path: str, marker: str, kind: str, key: dict, build: Builder

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from megatron_ext.config.errors import ProblemCollector
+from megatron_ext.data import index_cache
 from megatron_ext.data.config import DataConfig
 from megatron_ext.data.index_cache import IndexCache, IndexEntry, entry_name, prune
 from megatron_ext.data.token_stream import build_token_streams
@@ -105,6 +106,30 @@ def test_a_second_process_waits_for_the_builder_instead_of_building(tmp_path):
     assert len(calls) == 1
     assert np.array_equal(results["a"].arrays["values"], results["b"].arrays["values"])
     assert results["b"].info == {"total": 45}
+
+
+def test_waiting_processes_look_less_often_the_longer_a_build_takes(tmp_path, monkeypatch):
+    looks = []
+    real_mtime = index_cache._mtime
+    monkeypatch.setattr(index_cache, "_mtime", lambda path: looks.append(path) or real_mtime(path))
+    cache = IndexCache(str(tmp_path), poll_s=0.01, max_poll_s=0.2)
+    started = threading.Event()
+
+    def slow_build() -> IndexEntry:
+        started.set()
+        time.sleep(1.5)
+        return IndexEntry({"x": np.arange(3)}, {})
+
+    builder = threading.Thread(target=lambda: cache.get("t", {"k": 9}, slow_build))
+    builder.start()
+    started.wait(10)
+    entry = IndexCache(str(tmp_path), poll_s=0.01, max_poll_s=0.2).get(
+        "t", {"k": 9}, lambda: pytest.fail("the waiter must not build")
+    )
+    builder.join(10)
+    assert entry.arrays["x"].tolist() == [0, 1, 2]
+    # 1.5 s of waiting: 150 looks at a fixed 0.01 s, about 15 with the backoff.
+    assert 3 <= len(looks) <= 25, len(looks)
 
 
 def test_a_dead_builder_is_taken_over_and_a_failed_build_leaves_nothing(tmp_path, caplog):
