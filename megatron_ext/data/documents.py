@@ -94,7 +94,7 @@ def document_lengths(dataset: IndexedDataset, prefix: str) -> np.ndarray:
     pointers = np.asarray(index.sequence_pointers)
     itemsize = np.dtype(index.dtype).itemsize
     if pointers.size > 1 and not np.array_equal(
-        pointers[1:], pointers[:-1] + seq_lengths[:-1] * itemsize
+        pointers[1:], pointers[:-1] + seq_lengths[:-1].astype(np.int64) * itemsize
     ):
         raise ValueError(
             f"{prefix}.idx: sequences are not stored back to back in {prefix}.bin; "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset, _IndexWriter
 
 from megatron_ext.data import token_stream
 from megatron_ext.data.blend import (
@@ -14,6 +14,7 @@ from megatron_ext.data.blend import (
     stable_permutation,
 )
 from megatron_ext.data.config import DataConfig
+from megatron_ext.data.documents import document_lengths
 from megatron_ext.data.token_stream import DocumentSource, TokenStream, build_token_streams
 
 pytestmark = pytest.mark.timeout(120)
@@ -224,3 +225,24 @@ def test_blended_epoch_is_pinned(make_dataset):
     assert epoch["local_docs"].tolist() == [1, 6, 1, 2, 0, 3, 7, 4, 0, 7, 6, 1, 2, 4, 5, 4]
     starts = [70, 71, 73, 76, 80, 83, 84, 90, 99, 102, 108, 110, 111, 115, 124, 133, 138]
     assert epoch["starts"].tolist() == starts
+
+
+def test_document_lengths_of_huge_and_interleaved_sequences(tmp_path):
+    # A .idx written by megatron-core's own writer: a sequence of 2**30 uint16 tokens (2 GiB of
+    # .bin, whose byte size overflows int32), documents of one and of two sequences. The .bin
+    # is never read for lengths.
+    prefix = str(tmp_path / "huge")
+    writer = _IndexWriter(prefix + ".idx", np.uint16)
+    with writer:
+        writer.write([2**30, 3, 4, 5], None, [0, 1, 3, 4])
+    with open(prefix + ".bin", "wb") as f:
+        f.write(bytes(64))
+    lengths = document_lengths(IndexedDataset(prefix, mmap=True), prefix)
+    assert lengths.tolist() == [2**30, 7, 5]
+    # Sequences that are not stored back to back are refused with the fix.
+    with open(prefix + ".idx", "r+b") as f:  # move the last sequence's byte offset
+        # magic, version, dtype code, sequence and document counts, 4 lengths, 3 offsets
+        f.seek(9 + 8 + 1 + 8 + 8 + 4 * 4 + 3 * 8)
+        f.write(np.int64(2**31 + 100).tobytes())
+    with pytest.raises(ValueError, match="not stored back to back"):
+        document_lengths(IndexedDataset(prefix, mmap=True), prefix)
