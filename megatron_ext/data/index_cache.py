@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 300.0  # generous: NFS may cache a file's attributes for up to a minute
 _ENTRY_NAME = re.compile(r"[a-z_]+-[0-9a-f]{24}")  # what ``entry_name`` returns
+_LOAD_RETRIES = 5  # looks at an entry whose files are missing before it is called incomplete
 
 
 @dataclass
@@ -90,16 +91,31 @@ class IndexCache:
         marker = path + ".building"
         last_seen: tuple[float, float] | None = None  # (marker mtime, when it last changed)
         delay = self.poll_s
+        failed_loads = 0
         while True:
             if os.path.isdir(path):
-                return _load(path, kind, key)
+                try:
+                    return _load(path, kind, key)
+                except FileNotFoundError as exc:
+                    # Deleted while being read (``prune``), or left incomplete: look again; an
+                    # entry still there and incomplete after a few looks is an error.
+                    failed_loads += 1
+                    if failed_loads > _LOAD_RETRIES:
+                        raise ValueError(
+                            f"index entry {path} is incomplete ({exc.filename} is missing); "
+                            "delete it and it will be rebuilt"
+                        ) from exc
+                    time.sleep(delay)
+                    delay = min(delay * 1.5, self.max_poll_s)
+                    continue
+            failed_loads = 0  # the entry is gone: a later one is a new entry
             if _create_exclusive(marker):
                 try:
-                    if os.path.isdir(path):  # published between the look above and the marker
-                        return _load(path, kind, key)
-                    return self._build_and_publish(path, marker, kind, key, build)
+                    if not os.path.isdir(path):  # else published since the look above
+                        self._build_and_publish(path, marker, kind, key, build)
                 finally:
                     _remove(marker)
+                continue  # load it as any other process does
             mtime = _mtime(marker)
             now = time.monotonic()
             if mtime is None:
@@ -126,7 +142,7 @@ class IndexCache:
 
     def _build_and_publish(
         self, path: str, marker: str, kind: str, key: dict, build: Builder
-    ) -> IndexEntry:
+    ) -> None:
         stop = threading.Event()
         heartbeat = threading.Thread(
             target=_heartbeat, args=(marker, stop), name="index-heartbeat", daemon=True
@@ -143,7 +159,6 @@ class IndexCache:
         logger.info(
             "built index entry %s in %.1f s", os.path.basename(path), time.perf_counter() - start
         )
-        return _load(path, kind, key)
 
 
 @dataclass
@@ -157,23 +172,14 @@ def prune(directory: str, keep: set[str], stale_after_s: float = STALE_AFTER_S) 
 
     Removes every entry directory (``<kind>-<digest>`` holding a ``meta.json``) whose name is
     not in ``keep``, and build markers and ``.tmp-`` directories unchanged for ``stale_after_s``
-    (their builder is gone). Anything else in the directory is left alone. A process that has
-    an entry memory-mapped keeps reading it (the files stay until unmapped); one that loads it
-    later builds it again.
+    (their builder is gone). Anything else in the directory is left alone, and so is what other
+    processes rename or delete meanwhile. A process that has an entry memory-mapped keeps
+    reading it (the files stay until unmapped); one that loads it later builds it again.
     """
     removed, freed = [], 0
     now = time.time()
     for item in sorted(os.scandir(directory), key=lambda e: e.name):
-        if item.is_dir(follow_symlinks=False) and _ENTRY_NAME.fullmatch(item.name):
-            if item.name in keep or not os.path.exists(os.path.join(item.path, "meta.json")):
-                continue
-        elif item.name.startswith(".tmp-") and item.is_dir(follow_symlinks=False):
-            if now - _newest_mtime(item.path) <= stale_after_s:
-                continue
-        elif item.name.endswith(".building") and item.is_file(follow_symlinks=False):
-            if now - item.stat().st_mtime <= stale_after_s:
-                continue
-        else:
+        if not _prunable(item, keep, now, stale_after_s):
             continue
         freed += _tree_bytes(item.path)
         if item.is_dir(follow_symlinks=False):
@@ -182,6 +188,18 @@ def prune(directory: str, keep: set[str], stale_after_s: float = STALE_AFTER_S) 
             _remove(item.path)
         removed.append(item.name)
     return PruneReport(removed, freed)
+
+
+def _prunable(item: os.DirEntry, keep: set[str], now: float, stale_after_s: float) -> bool:
+    if item.is_dir(follow_symlinks=False) and _ENTRY_NAME.fullmatch(item.name):
+        return item.name not in keep and os.path.exists(os.path.join(item.path, "meta.json"))
+    if item.name.startswith(".tmp-") and item.is_dir(follow_symlinks=False):
+        changed = _newest_mtime(item.path)
+    elif item.name.endswith(".building") and item.is_file(follow_symlinks=False):
+        changed = _mtime(item.path)
+    else:
+        return False
+    return changed is not None and now - changed > stale_after_s  # None: gone meanwhile
 
 
 def entry_name(kind: str, key: dict) -> str:
@@ -293,31 +311,37 @@ def _mtime(path: str) -> float | None:
 def _stale_temps(directory: str, name: str, stale_after_s: float) -> list[str]:
     """Temporary directories of entry ``name`` that nothing wrote to for ``stale_after_s``."""
     now = time.time()
-    return [
-        item.path
-        for item in os.scandir(directory)
-        if item.name.startswith(f".tmp-{name}-")
-        and item.is_dir(follow_symlinks=False)
-        and now - _newest_mtime(item.path) > stale_after_s
-    ]
+    stale = []
+    for item in os.scandir(directory):
+        if item.name.startswith(f".tmp-{name}-") and item.is_dir(follow_symlinks=False):
+            changed = _newest_mtime(item.path)
+            if changed is not None and now - changed > stale_after_s:
+                stale.append(item.path)
+    return stale
 
 
-def _newest_mtime(path: str) -> float:
-    newest = os.stat(path).st_mtime
-    for root, _, names in os.walk(path):
-        for file in names:
-            newest = max(newest, _mtime(os.path.join(root, file)) or newest)
-    return newest
+def _newest_mtime(path: str) -> float | None:
+    """The newest modification time of a directory and its files; None if it is gone."""
+    own = _mtime(path)
+    if own is None:
+        return None
+    files = (_mtime(os.path.join(root, file)) for root, _, names in os.walk(path) for file in names)
+    return max([own, *(t for t in files if t is not None)])
 
 
 def _tree_bytes(path: str) -> int:
+    """Bytes of a file or of the files under a directory (what still exists)."""
     if not os.path.isdir(path):
+        return _size(path)
+    files = (os.path.join(root, file) for root, _, names in os.walk(path) for file in names)
+    return sum(_size(file) for file in files)
+
+
+def _size(path: str) -> int:
+    try:
         return os.path.getsize(path)
-    return sum(
-        os.path.getsize(os.path.join(root, file))
-        for root, _, names in os.walk(path)
-        for file in names
-    )
+    except FileNotFoundError:
+        return 0
 
 
 def _remove(path: str) -> None:

@@ -206,6 +206,43 @@ def test_prune_keeps_what_is_named_and_what_is_in_use(tmp_path):
     assert again.built == [names[2]]
 
 
+def test_an_entry_pruned_while_it_is_read_is_built_again(tmp_path):
+    # Another job's ``build_data_index.py --prune`` deletes the entries this process reads.
+    cache = IndexCache(str(tmp_path), poll_s=0.001, max_poll_s=0.01)
+    stop = threading.Event()
+    pruner_errors = []
+
+    def prune_all_the_time() -> None:
+        # Entries appear, temporary directories are renamed, while it lists and deletes.
+        try:
+            while not stop.is_set():
+                prune(str(tmp_path), keep=set())
+        except Exception as exc:  # noqa: BLE001 - reported by the test below
+            pruner_errors.append(exc)
+
+    def build() -> IndexEntry:
+        return IndexEntry({"a": np.arange(5000), "b": np.arange(70)}, {"n": 1})
+
+    pruner = threading.Thread(target=prune_all_the_time)
+    pruner.start()
+    deadline = time.monotonic() + 30
+    try:
+        while len(cache.built) < 50 and time.monotonic() < deadline:
+            entry = cache.get("t", {"k": 1}, build)
+            assert entry.arrays["a"][-1] == 4999 and entry.arrays["b"].size == 70
+    finally:
+        stop.set()
+        pruner.join(10)
+    assert pruner_errors == []
+    assert len(cache.built) >= 50, "the entry was not deleted often enough to test anything"
+
+    # An entry that stays incomplete is an error, after a few looks.
+    cache.get("t", {"k": 2}, build)
+    os.remove(tmp_path / entry_name("t", {"k": 2}) / "b.npy")
+    with pytest.raises(ValueError, match=r"is incomplete \(.*b.npy is missing\)"):
+        cache.get("t", {"k": 2}, build)
+
+
 def test_an_entry_that_does_not_match_its_name_is_a_clear_error(tmp_path):
     cache = IndexCache(str(tmp_path))
     cache.get("t", {"k": 4}, lambda: IndexEntry({"x": np.arange(4)}, {}))
