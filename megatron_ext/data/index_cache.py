@@ -125,20 +125,24 @@ class IndexCache:
             if last_seen is None or last_seen[0] != mtime:
                 last_seen = (mtime, now)
             elif now - last_seen[1] > self.stale_after_s:
-                logger.warning(
-                    "index entry %s: its builder stopped updating %s for %.0f s; building it here",
-                    name,
-                    marker,
-                    now - last_seen[1],
-                )
-                _remove(marker)
-                for temp in _stale_temps(self.directory, name, self.stale_after_s):
-                    logger.warning("index entry %s: removing %s, left by its builder", name, temp)
-                    shutil.rmtree(temp, ignore_errors=True)
+                self._take_over(name, marker, now - last_seen[1])
                 last_seen = None
                 continue
             time.sleep(delay)
             delay = min(delay * 1.5, self.max_poll_s)
+
+    def _take_over(self, name: str, marker: str, silent_s: float) -> None:
+        """Remove a dead builder's marker and the temporary directories it left."""
+        logger.warning(
+            "index entry %s: its builder stopped updating %s for %.0f s; building it here",
+            name,
+            marker,
+            silent_s,
+        )
+        _remove(marker)
+        for temp in _stale_temps(self.directory, name, self.stale_after_s):
+            logger.warning("index entry %s: removing %s, left by its builder", name, temp)
+            shutil.rmtree(temp, ignore_errors=True)
 
     def _build_and_publish(
         self, path: str, marker: str, kind: str, key: dict, build: Builder
