@@ -315,13 +315,11 @@ def _mtime(path: str) -> float | None:
 def _stale_temps(directory: str, name: str, stale_after_s: float) -> list[str]:
     """Temporary directories of entry ``name`` that nothing wrote to for ``stale_after_s``."""
     now = time.time()
-    stale = []
-    for item in os.scandir(directory):
-        if item.name.startswith(f".tmp-{name}-") and item.is_dir(follow_symlinks=False):
-            changed = _newest_mtime(item.path)
-            if changed is not None and now - changed > stale_after_s:
-                stale.append(item.path)
-    return stale
+    return [
+        item.path
+        for item in os.scandir(directory)
+        if item.name.startswith(f".tmp-{name}-") and _prunable(item, set(), now, stale_after_s)
+    ]
 
 
 def _newest_mtime(path: str) -> float | None:
