@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_ext.data.config import DataConfig
-from megatron_ext.data.index_cache import IndexCache
+from megatron_ext.data.index_cache import IndexCache, tree_bytes
 from megatron_ext.data.indexed_writer import IndexedDatasetWriter
 from megatron_ext.data.token_stream import build_token_streams
 
@@ -136,10 +136,6 @@ def _measure(config: DataConfig, processes: int, batch_tokens: int) -> tuple[np.
     return sum(r[0] for r in reports), max(r[1] for r in reports)
 
 
-def _bytes_under(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-
-
 def main() -> None:
     args = _parse()
     with tempfile.TemporaryDirectory(prefix="data_index_bench_") as tmp:
@@ -156,12 +152,12 @@ def main() -> None:
             for name, config in modes.items()
             if not args.build_only
         }
-        on_disk = 0 if args.build_only else _bytes_under(tmp_path / "index")
+        on_disk = 0 if args.build_only else tree_bytes(str(tmp_path / "index"))
         build_dir = tmp_path / "index_build"
         build_peak, build_s, train_documents = _measure_build(
             DataConfig(**base, index_cache_dir=str(build_dir))
         )
-        build_on_disk = _bytes_under(build_dir)
+        build_on_disk = tree_bytes(str(build_dir))
     if measured:
         _print_readers(measured, args.datasets * args.documents, args.processes, on_disk)
     print(

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 
 from megatron_ext.config.errors import ConfigError, ProblemCollector
 from megatron_ext.config.loader import load_config
-from megatron_ext.data.index_cache import IndexCache, prune
+from megatron_ext.data.index_cache import IndexCache, prune, tree_bytes
 from megatron_ext.data.token_stream import build_token_streams
 from megatron_ext.training.experiment import ExperimentConfig
 from megatron_ext.training.schedules import check_schedule, planned_tokens
@@ -90,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as exc:
         print(f"build_data_index: {exc}", file=sys.stderr)
         return 1
-    size = sum(
-        os.path.getsize(os.path.join(root, name))
-        for root, _, names in os.walk(data.index_cache_dir)
-        for name in names
-    )
+    size = tree_bytes(data.index_cache_dir)
     print(
         f"{len(cache.built)} index entries built, {size / 2**20:.1f} MiB in "
         f"{data.index_cache_dir} ({time.perf_counter() - start:.1f} s); {epochs} training "

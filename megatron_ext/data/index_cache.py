@@ -185,7 +185,7 @@ def prune(directory: str, keep: set[str], stale_after_s: float = STALE_AFTER_S) 
     for item in sorted(os.scandir(directory), key=lambda e: e.name):
         if not _prunable(item, keep, now, stale_after_s):
             continue
-        freed += _tree_bytes(item.path)
+        freed += tree_bytes(item.path)
         if item.is_dir(follow_symlinks=False):
             shutil.rmtree(item.path, ignore_errors=True)
         else:
@@ -331,7 +331,7 @@ def _newest_mtime(path: str) -> float | None:
     return max([own, *(t for t in files if t is not None)])
 
 
-def _tree_bytes(path: str) -> int:
+def tree_bytes(path: str) -> int:
     """Bytes of a file or of the files under a directory (what still exists)."""
     if not os.path.isdir(path):
         return _size(path)
