@@ -25,12 +25,18 @@ Reported per run: tokens/s, TFLOP/s and MFU against ``--peak-tflops`` (989, H100
 with Megatron-LM's FLOP count (``num_floating_point_operations``: GEMMs of attention, SwiGLU MLP and
 logits, attention scores not halved for causality, no embedding lookup) and with ``6 N + 12 L h s``
 per token (the count behind earlier published percentages), peak allocated and reserved memory, and
-the first/last loss. For each shape, every variant's ratio to the fastest Hugging Face variant.
-Results go to ``<out-dir>/train_step.json`` and ``train_step.md`` with the card and versions.
+the first/last loss, and where the GPU time of ``--profile-steps`` further steps goes
+(``benchmarks/kernel_profile.py``: kernel time by category and the top kernels). For each shape,
+every variant's ratio to the fastest Hugging Face variant. Results go to
+``<out-dir>/train_step.json`` and ``train_step.md`` with the card and versions.
 
 One GPU (about 8 minutes, most of it compilation)::
 
     python benchmarks/train_step.py --out-dir benchmarks/results --time-budget-s 480
+
+``--jobs megatron_ext@4096x2,hf_liger@4096x2,...`` runs exactly those (variant, shape) pairs in that
+order instead (``recipe_memory`` is the ``--memory-config`` job), for a budget that cannot hold
+every pair.
 
 CPU smoke run (tiny shape; the timings mean nothing)::
 
@@ -84,6 +90,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from benchmarks.kernel_profile import markdown_lines, profile_steps  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -378,6 +386,14 @@ def run_worker(args: argparse.Namespace) -> dict:
         record.update(status="oom", error=str(error).splitlines()[0][:300])
         return record
     record.update(_measurements(model, shape, times, losses, args.peak_tflops, device))
+    if args.profile_steps:
+        # After the timed steps, so the profiler's overhead stays out of the timing.
+        try:
+            record["profile"] = profile_steps(
+                step, args.warmup + args.steps, args.profile_steps, device
+            )
+        except Exception as error:  # the measurement above stands without a profile
+            record["profile_error"] = f"{type(error).__name__}: {error}"[:300]
     record["wall_s"] = round(time.perf_counter() - started, 1)
     return record
 
@@ -439,6 +455,7 @@ def _run_one(args, job: dict, timeout_s: float) -> dict:
         command = [sys.executable, str(Path(__file__).resolve()), "--result-file", str(out_file)]
         command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
         command += ["--peak-tflops", str(args.peak_tflops), "--fp8", args.fp8]
+        command += ["--profile-steps", str(args.profile_steps)]
         if job["variant"] == "recipe_memory":
             command += ["--memory-config", args.memory_config]
         else:
@@ -461,6 +478,8 @@ def _run_one(args, job: dict, timeout_s: float) -> dict:
 
 
 def plan_jobs(args) -> list[dict]:
+    if args.jobs:
+        return _explicit_jobs(args)
     names = [n for n in args.variants.split(",") if n and n != "none"]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -473,6 +492,27 @@ def plan_jobs(args) -> list[dict]:
     if args.memory_config:
         jobs.append({"variant": "recipe_memory", "shape": "config", "_key": (1, 99, 0)})
     jobs.sort(key=lambda job: job.pop("_key"))
+    return jobs
+
+
+def _explicit_jobs(args) -> list[dict]:
+    """``--jobs``: VARIANT@SHAPE (or recipe_memory) entries, run in exactly the given order."""
+    jobs = []
+    for entry in (part.strip() for part in args.jobs.split(",")):
+        if not entry:
+            continue
+        if entry == "recipe_memory":
+            if not args.memory_config:
+                raise SystemExit("--jobs recipe_memory needs --memory-config")
+            jobs.append({"variant": "recipe_memory", "shape": "config"})
+            continue
+        name, _, shape = entry.partition("@")
+        if name not in VARIANTS:
+            raise SystemExit(f"--jobs {entry!r}: unknown variant; choose from {sorted(VARIANTS)}")
+        try:
+            jobs.append({"variant": name, "shape": parse_shape(shape).name})
+        except argparse.ArgumentTypeError as error:
+            raise SystemExit(f"--jobs {entry!r}: {error}") from None
     return jobs
 
 
@@ -610,12 +650,19 @@ def to_markdown(report: dict) -> str:
             f"{r.get('peak_allocated_gib', '-')} GiB, reserved {r.get('peak_reserved_gib', '-')} "
             f"GiB; estimate {r['dry_run_estimate_gib']} GiB"
         )
+    lines += markdown_lines(report["results"])
     return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated, or none")
+    parser.add_argument(
+        "--jobs",
+        default=None,
+        help="VARIANT@SEQxBATCH list (and recipe_memory) run in this order, instead of "
+        "--variants x --shapes in priority order",
+    )
     parser.add_argument(
         "--shapes",
         type=lambda text: [parse_shape(part) for part in text.split(",") if part],
@@ -624,6 +671,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=2,
+        help="steps profiled after the timed ones (kernel time by category; 0: none)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
@@ -646,8 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0:
+        raise SystemExit("--steps must be >= 1, --warmup and --profile-steps >= 0")
     if args.result_file:
         record = run_worker(args)
         Path(args.result_file).write_text(json.dumps(record))

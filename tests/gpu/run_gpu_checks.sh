@@ -70,6 +70,28 @@ for name in ("triton", "transformers", "megatron-core", "liger-kernel", "transfo
     except PackageNotFoundError:
         print(name, "absent")
 print("apex", "present" if importlib.util.find_spec("apex") else "absent")
+if torch.cuda.is_available():
+    # The card's two ceilings as found (random data, CUDA events, median of 10 after 3 warm-ups).
+    def median_ms(fn):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    print(f"bf16 {n}^3 matmul: {2 * n**3 / median_ms(lambda: a @ b) / 1e9:.0f} TFLOP/s")
+    src = torch.randn(2**28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    rate = 2 * src.numel() * 4 / median_ms(lambda: dst.copy_(src)) / 1e9
+    print(f"device-to-device copy: {rate:.2f} TB/s (bytes read + written)")
 EOF
 } >"$out/environment.txt" 2>&1
 cat "$out/environment.txt"

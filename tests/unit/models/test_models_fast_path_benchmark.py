@@ -100,3 +100,26 @@ def test_tiny_cpu_run_end_to_end(tmp_path):
     assert ratios["ratio_to_best_hf"]["hf_eager"] == 1.0
     markdown = (tmp_path / "train_step.md").read_text()
     assert "| megatron_ext_foreach_adamw | 32x2 |" in markdown
+    # Two profiled steps after the timed ones, their time split into categories.
+    profile = by_variant["megatron_ext_foreach_adamw"]["profile"]
+    assert profile["steps"] == 2 and profile["total_ms"] > 0
+    assert sum(profile["categories_ms"].values()) == pytest.approx(profile["total_ms"], rel=0.01)
+    assert profile["categories_ms"]["gemm"] > 0  # aten::mm on the CPU
+    assert "Top kernels of megatron_ext_foreach_adamw at 32x2" in markdown
+
+
+def test_explicit_jobs_run_in_the_given_order(bench):
+    argv = ["--jobs", "hf_eager@8192x1, megatron_ext@4096x2,recipe_memory"]
+    args = bench.build_parser().parse_args([*argv, "--memory-config", "x.yaml"])
+    assert bench.plan_jobs(args) == [
+        {"variant": "hf_eager", "shape": "8192x1"},
+        {"variant": "megatron_ext", "shape": "4096x2"},
+        {"variant": "recipe_memory", "shape": "config"},
+    ]
+    for jobs, message in [
+        ("hf_eagre@4096x2", "unknown variant"),
+        ("hf_eager@4096", "SEQxBATCH"),
+        ("recipe_memory", "needs --memory-config"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            bench.plan_jobs(bench.build_parser().parse_args(["--jobs", jobs]))
