@@ -12,9 +12,10 @@ Per step, on every rank (the calls with collectives must be made by all ranks al
 ``train_step`` (megatron_ext.training.step) runs megatron-core's optimizer step in its parts:
 ``prepare_grads()`` (grads -> main grads; fp16: unscale and inf check, which skips by itself),
 ``get_grad_norm()`` (global, identical on every rank), then ``allow_update(loss, grad_norm)``, and
-only when that says yes clips with that norm and calls ``step_with_ready_grads()``. So a refused
-update never touches weights or optimizer state. The gate also records the per-layer gradient
-norms, because at that point the gradient buffers hold the reduced, not yet clipped, gradients.
+only when that says yes clips with that norm (inside torch's fused AdamW update, where that is
+the optimizer) and calls ``step_with_ready_grads()``. So a refused update never touches weights or
+optimizer state. The gate also records the per-layer gradient norms, because at that point the
+gradient buffers hold the reduced, not yet clipped, gradients.
 
 Only the logging rank writes files. ``end_step`` returns the step's record on every rank.
 """

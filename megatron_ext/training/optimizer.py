@@ -13,6 +13,7 @@ from megatron_ext.checkpoint.manager import torch_adams
 from megatron_ext.config.errors import ProblemCollector
 from megatron_ext.models.config import TORCH_DTYPES, PrecisionConfig
 from megatron_ext.parallel.config import ParallelConfig
+from megatron_ext.training import multi_tensor
 
 
 @dataclass(kw_only=True)
@@ -116,6 +117,7 @@ def build_optimizer(
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         overlap_param_gather=parallel.overlap_param_gather,
     )
+    multi_tensor.install()  # gradient norm and clip without per-tensor host syncs or copies
     optimizer = get_megatron_optimizer(config, ddp_chunks)
     if optim.fused_adamw:
         _use_fused_torch_adam(optimizer)

@@ -90,12 +90,15 @@ def train_step(
     pp_group: torch.distributed.ProcessGroup,
     is_last_stage: bool,
     allow_update: Callable[[float, float], bool] | None = None,
+    clip_in_update: bool = True,
 ) -> StepResult:
     """Zero grads, forward/backward all micro-batches, reduce grads, then clip and update.
 
     ``allow_update(loss, grad_norm)`` is asked after the gradient norm is known and before any
     weight changes (every rank gets the same loss and norm, so every rank decides the same); when
     it says no, the update is skipped. fp16 overflows are skipped by the loss scaler first.
+    ``clip_in_update``: clip inside torch's fused AdamW update where that is the optimizer (see
+    ``_clip_to_total_norm``); False clips the gradients first, as megatron-core does.
     """
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
@@ -110,24 +113,61 @@ def train_step(
     if not found_inf:
         result.grad_norm = float(optimizer.get_grad_norm())
         if allow_update is None or allow_update(loss, result.grad_norm):
-            _clip_to_total_norm(optimizer, result.grad_norm)
-            result.skipped = not optimizer.step_with_ready_grads()
+            scaled_in_update = _clip_to_total_norm(optimizer, result.grad_norm, clip_in_update)
+            try:
+                result.skipped = not optimizer.step_with_ready_grads()
+            finally:
+                for adam in scaled_in_update:
+                    del adam.grad_scale
     result.optimizer_s = time.perf_counter() - began - forward_backward_s
     return result
 
 
-def _clip_to_total_norm(optimizer, grad_norm: float) -> None:
-    """Clip every (chained) optimizer's main grads by the one global norm already computed."""
+def _clip_to_total_norm(
+    optimizer, grad_norm: float, in_update: bool = True
+) -> list[torch.optim.Optimizer]:
+    """Clip every (chained) optimizer's main grads by the one global norm already computed.
+
+    megatron-core's rule: gradients are multiplied by ``clip_grad / (norm + 1e-6)`` when that is
+    below 1. Where the update is torch's fused Adam/AdamW, the clip goes into the update kernel
+    instead, as its ``grad_scale`` (the AMP unscale input: each gradient is divided by it as it is
+    read), which saves a full read and write of the fp32 gradients. Returns those torch
+    optimizers; their ``grad_scale`` must be removed after the update (``train_step`` does).
+    """
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
+    scaled_in_update = []
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         if getattr(inner, "is_stub_optimizer", False) or inner.config.clip_grad <= 0.0:
             continue
         parameters = inner.get_parameters()
-        if parameters:
+        if not parameters:
+            continue
+        clip_coeff = inner.config.clip_grad / (grad_norm + 1.0e-6)
+        if clip_coeff >= 1.0:
+            continue
+        adam = getattr(inner, "optimizer", None)
+        if in_update and fuses_grad_scale(adam):
+            # A fill kernel, not a host-to-device copy.
+            adam.grad_scale = torch.full(
+                (1,), 1.0 / clip_coeff, dtype=torch.float32, device=parameters[0].device
+            )
+            scaled_in_update.append(adam)
+        else:
             clip_grad_by_total_norm_fp32(
                 parameters, max_norm=inner.config.clip_grad, total_norm=grad_norm
             )
+    return scaled_in_update
+
+
+def fuses_grad_scale(adam) -> bool:
+    """Whether ``adam`` is a torch Adam/AdamW whose every group runs the fused kernel (the only
+    update that takes a ``grad_scale``; the foreach and per-tensor updates reject one)."""
+    return (
+        isinstance(adam, torch.optim.Adam | torch.optim.AdamW)
+        and not hasattr(adam, "grad_scale")
+        and all(group.get("fused") for group in adam.param_groups)
+    )
 
 
 def mean_loss(

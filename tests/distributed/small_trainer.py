@@ -30,9 +30,9 @@ class SmallTrainer:
         self.scheduler = trainable.scheduler
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
 
-    def train_on(self, micro_batches: list[dict], seq_length: int) -> Any:
+    def train_on(self, micro_batches: list[dict], seq_length: int, **step_options) -> Any:
         """One training step on this rank's micro-batches, then one step of the LR schedule;
-        returns the ``StepResult``."""
+        returns the ``StepResult``. ``step_options``: further ``train_step`` arguments."""
         from megatron_ext.training.step import train_step
 
         result = train_step(
@@ -43,6 +43,7 @@ class SmallTrainer:
             self.ctx.torch_device,
             self.ctx.pp_group(),
             self.is_last_stage,
+            **step_options,
         )
         self.scheduler.step(increment=1)
         return result

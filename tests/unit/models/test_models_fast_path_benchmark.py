@@ -81,13 +81,14 @@ def test_exhausted_time_budget_skips_and_still_writes_the_report(bench, tmp_path
 @pytest.mark.timeout(300)
 def test_tiny_cpu_run_end_to_end(tmp_path):
     command = [sys.executable, str(SCRIPT), "--tiny", "--cpu", "--steps", "2", "--warmup", "1"]
-    command += ["--shapes", "32x2", "--variants", "megatron_ext_foreach_adamw,hf_eager,hf_liger"]
+    variants = "megatron_ext_foreach_adamw,megatron_ext_megatron_grad_ops,hf_eager,hf_liger"
+    command += ["--shapes", "32x2", "--variants", variants]
     subprocess.run([*command, "--out-dir", str(tmp_path)], check=True, timeout=280)
     report = json.loads((tmp_path / "train_step.json").read_text())
     assert report["card"].startswith("CPU")
     assert report["versions"]["megatron-core"] == "0.16.1"
     by_variant = {r["variant"]: r for r in report["results"]}
-    for name in ("megatron_ext_foreach_adamw", "hf_eager"):
+    for name in ("megatron_ext_foreach_adamw", "megatron_ext_megatron_grad_ops", "hf_eager"):
         result = by_variant[name]
         assert result["status"] == "ok", result
         assert result["steps"] == 2 and result["tokens_per_s"] > 0
