@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megatron_ext.training.multi_tensor import foreach_l2_norm, foreach_scale
+from tests.unit.training.test_training_multi_tensor import check_clip_in_update
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,24 +54,4 @@ def test_in_place_scale_matches_megatron_fallback():
 
 
 def test_fused_adamw_with_grad_scale_equals_clipping_first():
-    clip_coeff = 0.0123
-
-    def adam():
-        params = [torch.nn.Parameter(t) for t in _tensors(2)]
-        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True), params
-
-    (clipped, clipped_params), (in_update, in_update_params) = adam(), adam()
-    for step in range(3):
-        raw = _tensors(10 + step)
-        for param, grad in zip(clipped_params, raw, strict=True):
-            param.grad = grad * clip_coeff
-        clipped.step()
-        for param, grad in zip(in_update_params, raw, strict=True):
-            param.grad = grad.clone()
-        in_update.grad_scale = torch.tensor([1.0 / clip_coeff], device="cuda")
-        in_update.step()
-        del in_update.grad_scale
-    for got, want in zip(in_update_params, clipped_params, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    for got, want in zip(in_update.state.values(), clipped.state.values(), strict=True):
-        torch.testing.assert_close(got["exp_avg"], want["exp_avg"], rtol=1e-6, atol=1e-9)
+    check_clip_in_update(_tensors, "cuda")

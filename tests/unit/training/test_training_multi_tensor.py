@@ -93,27 +93,39 @@ def _adam(fused: bool | None, seed: int = 3):
     return adam, params
 
 
-def test_clip_in_the_fused_update_equals_clipping_first():
+def check_clip_in_update(tensors, device: str) -> None:
+    """Three fused AdamW steps given the clip as ``grad_scale`` equal three steps on gradients
+    clipped first: parameters, first moments, and the clipped gradients the kernel leaves behind.
+    ``tensors(seed)``: a list of tensors on ``device`` (also used by the GPU test)."""
     clip_coeff = 0.0123
-    clipped, clipped_params = _adam(fused=True)
-    in_update, in_update_params = _adam(fused=True)
+
+    def adam():
+        params = [torch.nn.Parameter(t) for t in tensors(3)]
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True), params
+
+    (clipped, clipped_params), (in_update, in_update_params) = adam(), adam()
     assert fuses_grad_scale(in_update)
     for step in range(3):  # the moments carry the clipped gradients into later steps
-        raw = _tensors(20 + step)
+        raw = tensors(20 + step)
         for param, grad in zip(clipped_params, raw, strict=True):
             param.grad = grad * clip_coeff
         clipped.step()
         for param, grad in zip(in_update_params, raw, strict=True):
             param.grad = grad.clone()
-        in_update.grad_scale = torch.tensor([1.0 / clip_coeff])
+        in_update.grad_scale = torch.full((1,), 1.0 / clip_coeff, device=device)
         in_update.step()
         del in_update.grad_scale
-        # The kernel leaves the gradients clipped, as clipping first does.
         for got, want in zip(in_update_params, clipped_params, strict=True):
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-6, atol=0)
     for got, want in zip(in_update_params, clipped_params, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    assert not torch.equal(in_update_params[0], _adam(fused=True)[1][0])
+    for got, want in zip(in_update.state.values(), clipped.state.values(), strict=True):
+        torch.testing.assert_close(got["exp_avg"], want["exp_avg"], rtol=1e-6, atol=1e-9)
+    assert not torch.equal(in_update_params[0], tensors(3)[0])  # the updates ran
+
+
+def test_clip_in_the_fused_update_equals_clipping_first():
+    check_clip_in_update(_tensors, "cpu")
 
 
 def test_only_the_fused_update_takes_a_grad_scale():
