@@ -537,8 +537,8 @@ def _explicit_jobs(args) -> list[dict]:
 
 
 def run_driver(args, write) -> dict:
-    """Run the jobs in priority order; ``write(report)`` after each, so a cut-off run keeps all
-    finished measurements."""
+    """Run the planned jobs in order (``plan_jobs``); ``write(report)`` after each, so a cut-off
+    run keeps all finished measurements."""
     jobs = plan_jobs(args)
     started = time.perf_counter()
     results = []
