@@ -5,7 +5,7 @@ vocabulary 65,536, untied embeddings) on random non-zero tokens, in bf16 with Ad
 step per micro-batch. Each (variant, shape) runs in its own process (a clean allocator, so the peak
 memory is its own); warm-up steps, which include compilation, are excluded from the timing.
 
-Variants (``--variants``, in this order of priority):
+Variants (``--variants``; the first four are the comparison, run first, the rest attributions):
 
   megatron_ext        the default build: local layers + SDPA; without Transformer Engine on a GPU
                       the fast path (each layer under torch.compile, chunked cross-entropy),
@@ -16,6 +16,9 @@ Variants (``--variants``, in this order of priority):
   hf_compile          the same as hf_eager under torch.compile
   megatron_ext_megatron_grad_ops  megatron_ext with megatron-core's local gradient norm and
                       clip fallbacks and the clip before the update (attribution)
+  megatron_ext_split_layers  megatron_ext with megatron-core's stock RowParallelLinear, whose
+                      deprecation warning splits every compiled layer into pieces (attribution of
+                      models/row_parallel.py)
   megatron_ext_plain  the fast path off (compile_layers=off, fused_cross_entropy=off)
   megatron_ext_foreach_adamw  megatron_ext with torch's default (multi-tensor foreach) AdamW
                       update, as megatron-core builds it without TE/apex (attribution)
@@ -28,8 +31,9 @@ Reported per run: tokens/s, TFLOP/s and MFU against ``--peak-tflops`` (989, H100
 with Megatron-LM's FLOP count (``num_floating_point_operations``: GEMMs of attention, SwiGLU MLP and
 logits, attention scores not halved for causality, no embedding lookup) and with ``6 N + 12 L h s``
 per token (the count behind earlier published percentages), peak allocated and reserved memory, and
-the first/last loss, and where the GPU time of ``--profile-steps`` further steps goes
-(``benchmarks/kernel_profile.py``: kernel time by category and the top kernels). For each shape,
+the first/last loss, how many graphs ``torch.compile`` made and how many graph breaks it hit, and
+where the GPU time of ``--profile-steps`` further steps goes (``benchmarks/kernel_profile.py``:
+kernel time by category and the top kernels). For each shape,
 every variant's ratio to the fastest Hugging Face variant. Results go to
 ``<out-dir>/train_step.json`` and ``train_step.md`` with the card and versions.
 
@@ -123,6 +127,7 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
     "hf_liger": (0, "hf", {"liger": True}, 25.0),
     "hf_compile": (0, "hf", {"compile": True}, 70.0),
     "megatron_ext_megatron_grad_ops": (1, "megatron_ext", {"megatron_grad_ops": True}, 40.0),
+    "megatron_ext_split_layers": (1, "megatron_ext", {"stock_row_linear": True}, 45.0),
     "megatron_ext_plain": (
         1,
         "megatron_ext",
@@ -145,12 +150,12 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
     ),
 }
 # Variant settings that are not ModelConfig fields.
-STEP_SETTINGS = ("fused_adamw", "sdpa_prefer", "megatron_grad_ops")
+STEP_SETTINGS = ("fused_adamw", "sdpa_prefer", "megatron_grad_ops", "stock_row_linear")
 # hf_eager first: the first job on a fresh machine ran with more GPU idle time than the same job
 # later (24 against 7.5 ms per step, 2026-11-27), and hf_eager is never the fastest variant.
 DEFAULT_VARIANTS = (
-    "hf_eager,megatron_ext,hf_liger,hf_compile,megatron_ext_megatron_grad_ops,megatron_ext_plain,"
-    "megatron_ext_foreach_adamw"
+    "hf_eager,megatron_ext,hf_liger,hf_compile,megatron_ext_split_layers,"
+    "megatron_ext_megatron_grad_ops,megatron_ext_plain,megatron_ext_foreach_adamw"
 )
 
 
@@ -260,6 +265,12 @@ def _megatron_step_fn(
     estimate = estimate_stages(
         model_cfg, parallel, precision, 1, shape.micro_batch, shape.seq_length
     )[0].total_gib
+    if settings.get("stock_row_linear"):  # this worker process only: the layers before the fix
+        from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+        from megatron_ext.models import specs
+
+        specs.GroupBoundRowParallelLinear = RowParallelLinear
     chunks = build_model(model_cfg, parallel, precision, device)
     ddp = wrap_ddp(chunks, parallel, precision)
     optimizer = build_optimizer(
@@ -406,6 +417,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         record.update(status="oom", error=str(error).splitlines()[0][:300])
         return record
     record.update(_measurements(model, shape, times, losses, args.peak_tflops, device))
+    record.update(compile_stats())
     if args.profile_steps:
         # After the timed steps, so the profiler's overhead stays out of the timing.
         try:
@@ -416,6 +428,18 @@ def run_worker(args: argparse.Namespace) -> dict:
             record["profile_error"] = f"{type(error).__name__}: {error}"[:300]
     record["wall_s"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def compile_stats() -> dict:
+    """What ``torch.compile`` did in this process: graphs made, graph breaks and their reasons."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    return {
+        "compiled_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(breaks.values()),
+        "graph_break_reasons": [reason.splitlines()[0][:160] for reason in breaks][:5],
+    }
 
 
 def _measurements(model, shape, times, losses, peak_tflops, device) -> dict:
@@ -504,8 +528,16 @@ def plan_jobs(args) -> list[dict]:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    # The comparison (priority 0) variant by variant over the shapes; the attributions after it
+    # shape by shape, so that a short budget still attributes the first shape completely.
     jobs = [
-        {"variant": name, "shape": shape.name, "_key": (VARIANTS[name][0], names.index(name), s)}
+        {
+            "variant": name,
+            "shape": shape.name,
+            "_key": (0, names.index(name), s)
+            if VARIANTS[name][0] == 0
+            else (VARIANTS[name][0], s, names.index(name)),
+        }
         for s, shape in enumerate(args.shapes)
         for name in names
     ]
@@ -670,8 +702,27 @@ def to_markdown(report: dict) -> str:
             f"{r.get('peak_allocated_gib', '-')} GiB, reserved {r.get('peak_reserved_gib', '-')} "
             f"GiB; estimate {r['dry_run_estimate_gib']} GiB"
         )
+    lines += _compile_lines(report["results"])
     lines += markdown_lines(report["results"])
     return "\n".join(lines) + "\n"
+
+
+def _compile_lines(results: list[dict]) -> list[str]:
+    compiled = [r for r in results if r.get("compiled_graphs")]
+    if not compiled:
+        return []
+    lines = [
+        "",
+        "torch.compile in each job (graphs made; graph breaks, with their first reasons):",
+        "",
+    ]
+    for r in compiled:
+        reasons = "; ".join(r.get("graph_break_reasons", []))
+        lines.append(
+            f"- {r['variant']} at {r['shape']}: {r['compiled_graphs']} graphs, "
+            f"{r['graph_breaks']} graph breaks" + (f" ({reasons})" if reasons else "")
+        )
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,10 @@ class SDPACoreAttention(MegatronModule):
         self.dropout_p = (
             config.attention_dropout if attention_dropout is None else attention_dropout
         )
+        # From the config rather than the key's shape: under torch.compile with dynamic shapes a
+        # shape comparison is symbolic, which SDPA's boolean argument refuses (a graph break).
+        groups = config.num_query_groups or config.num_attention_heads
+        self.enable_gqa = groups != config.num_attention_heads
 
     def forward(
         self,
@@ -90,7 +94,7 @@ class SDPACoreAttention(MegatronModule):
                 dropout_p=dropout_p,
                 is_causal=is_causal,
                 scale=self.softmax_scale,
-                enable_gqa=k.shape[1] != heads,
+                enable_gqa=self.enable_gqa,
             )
         # [b, h, s, d] -> [s, b, h*d]
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)

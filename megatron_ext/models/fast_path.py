@@ -6,7 +6,8 @@ of separate PyTorch kernels, and the loss upcasts the whole logits to fp32. Two 
 * ``compile_layers``: ``torch.compile`` of every ``TransformerLayer.forward`` (one region per
   layer). Inductor fuses the norm, the rotary embedding, SwiGLU and the residual adds into a few
   kernels around the GEMMs and SDPA. Measured on one H100 80GB with a 1.09B Llama shape: +31%
-  tokens/s at 4,096 x 2 and +29% at 8,192 x 1 over the eager local layers.
+  tokens/s at 4,096 x 2 and +29% at 8,192 x 1 over the eager local layers (with the layers still
+  compiled in pieces; on one GPU each is now one graph, see ``row_parallel``).
 * ``fused_cross_entropy``: ``fused_loss.ChunkedLossGPTModel``, the cross-entropy read in chunks
   without an fp32 copy of the logits (several GiB less at a 65,536 vocabulary).
 

@@ -9,8 +9,9 @@
 # In priority order it runs
 #   1. the training-step benchmark (benchmarks/train_step.py): megatron_ext's default path and the
 #      Hugging Face baselines (eager, Liger Kernel, torch.compile) at 4,096 x 2 and 8,192 x 1, then
-#      megatron_ext with the fast path off and with torch's default AdamW update, then the
-#      recipe_1b preset (GQA, context 8,192, its recompute settings) for its memory; every
+#      shape by shape the attributions (megatron_ext with the stock RowParallelLinear, i.e. the
+#      compiled layers in pieces; with megatron-core's gradient norm and clip; with the fast path
+#      off; with torch's default AdamW update), then the recipe_1b preset (GQA, context 8,192, its recompute settings) for its memory; every
 #      megatron_ext run records its peak memory next to the dry-run estimate for one GPU; jobs
 #      that no longer fit the budget are listed as skipped;
 #   2. the gpu-marked tests (tests/gpu: the fast path's numerics, then fused AdamW and background

@@ -6,7 +6,8 @@ Run by ``tests/gpu/run_gpu_checks.sh``; skipped without CUDA. Checks, on the GPU
 * the chunked cross-entropy at the recipe's 65,536 vocabulary against ``F.cross_entropy`` of the
   fp32 logits (loss, gradient) and that it allocates less than one fp32 copy of the logits;
 * a small megatron_ext model trained three steps with the fast path (Inductor-compiled layers,
-  chunked loss) against the plain local path from the same weights, in fp32 (tight) and bf16.
+  chunked loss) against the plain local path from the same weights, in fp32 (tight) and bf16,
+  and with no ``torch.compile`` graph break on the way (each layer one graph).
 """
 
 from __future__ import annotations
@@ -127,7 +128,12 @@ def test_fast_path_model_trains_like_plain(parallel_context, dtype, rtol):
     off = replace(base, compile_layers="off", fused_cross_entropy="off")
     plain_class, plain, state = _train(ctx, parallel, off, precision, None)
     # auto on CUDA without Transformer Engine: the fast path.
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     fast_class, fast, _ = _train(ctx, parallel, base, precision, state)
+    breaks = {reason.splitlines()[0]: count for reason, count in counters["graph_break"].items()}
+    assert not breaks, breaks
     assert plain_class == "GPTModel"
     from megatron_ext.models.specs import transformer_engine_available
 

@@ -54,6 +54,25 @@ def test_bad_shape_is_a_clear_error(bench):
         bench.parse_shape("4096")
 
 
+def test_attributions_run_shape_by_shape_after_the_comparison(bench):
+    variants = "megatron_ext_plain,megatron_ext_split_layers,hf_eager,megatron_ext"
+    args = bench.build_parser().parse_args(
+        ["--variants", variants, "--shapes", "4096x2,8192x1", "--memory-config", "x.yaml"]
+    )
+    order = [(job["variant"], job["shape"]) for job in bench.plan_jobs(args)]
+    assert order == [
+        ("hf_eager", "4096x2"),
+        ("hf_eager", "8192x1"),
+        ("megatron_ext", "4096x2"),
+        ("megatron_ext", "8192x1"),
+        ("megatron_ext_plain", "4096x2"),
+        ("megatron_ext_split_layers", "4096x2"),
+        ("megatron_ext_plain", "8192x1"),
+        ("megatron_ext_split_layers", "8192x1"),
+        ("recipe_memory", "config"),
+    ]
+
+
 def test_jobs_run_core_variants_first_in_the_given_order(bench):
     args = bench.build_parser().parse_args(
         ["--variants", "megatron_ext_plain,megatron_ext,hf_eager", "--shapes", "4096x2,8192x1"]
@@ -81,14 +100,22 @@ def test_exhausted_time_budget_skips_and_still_writes_the_report(bench, tmp_path
 @pytest.mark.timeout(300)
 def test_tiny_cpu_run_end_to_end(tmp_path):
     command = [sys.executable, str(SCRIPT), "--tiny", "--cpu", "--steps", "2", "--warmup", "1"]
-    variants = "megatron_ext_foreach_adamw,megatron_ext_megatron_grad_ops,hf_eager,hf_liger"
+    variants = (
+        "megatron_ext_foreach_adamw,megatron_ext_megatron_grad_ops,megatron_ext_split_layers,"
+        "hf_eager,hf_liger"
+    )
     command += ["--shapes", "32x2", "--variants", variants]
     subprocess.run([*command, "--out-dir", str(tmp_path)], check=True, timeout=280)
     report = json.loads((tmp_path / "train_step.json").read_text())
     assert report["card"].startswith("CPU")
     assert report["versions"]["megatron-core"] == "0.16.1"
     by_variant = {r["variant"]: r for r in report["results"]}
-    for name in ("megatron_ext_foreach_adamw", "megatron_ext_megatron_grad_ops", "hf_eager"):
+    for name in (
+        "megatron_ext_foreach_adamw",
+        "megatron_ext_megatron_grad_ops",
+        "megatron_ext_split_layers",
+        "hf_eager",
+    ):
         result = by_variant[name]
         assert result["status"] == "ok", result
         assert result["steps"] == 2 and result["tokens_per_s"] > 0
@@ -124,3 +151,26 @@ def test_explicit_jobs_run_in_the_given_order(bench):
     ]:
         with pytest.raises(SystemExit, match=message):
             bench.plan_jobs(bench.build_parser().parse_args(["--jobs", jobs]))
+
+
+def test_compile_stats_count_graphs_and_breaks_with_reasons(bench):
+    import torch
+    import torch._dynamo
+
+    def broken(x):
+        x = x * 2
+        torch._dynamo.graph_break()
+        return x + 1
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x = torch.ones(3)
+    assert torch.equal(torch.compile(broken, backend="eager")(x), x * 2 + 1)
+    stats = bench.compile_stats()
+    assert stats["compiled_graphs"] == 2 and stats["graph_breaks"] == 1
+    assert len(stats["graph_break_reasons"]) == 1
+    record = {"variant": "megatron_ext", "shape": "4096x2", **stats}
+    (line,) = [line for line in bench._compile_lines([record]) if line.startswith("- ")]
+    assert line.startswith("- megatron_ext at 4096x2: 2 graphs, 1 graph breaks (")
+    eager = {"variant": "hf_eager", "shape": "4096x2", "compiled_graphs": 0, "graph_breaks": 0}
+    assert bench._compile_lines([eager]) == []
