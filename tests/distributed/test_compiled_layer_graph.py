@@ -6,7 +6,9 @@ with the ``aot_eager`` backend (Dynamo and AOTAutograd trace exactly as with Ind
 generating kernels), then runs forward and backward twice. Dynamo's counters must show no graph
 break and a single graph for all layers. The same model built with megatron-core's stock
 ``RowParallelLinear`` must show the breaks (this is what the spec's ``GroupBoundRowParallelLinear``
-removes), and in eager mode our layer must not emit the warning at all.
+removes), and in eager mode our layer must not emit the warning at all. With activation
+recomputation the compiled layers must still compute what eager ones do: ``full`` without a graph
+break, ``selective`` breaking where megatron-core's checkpoint saves the RNG states.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _loss_and_grads(chunk, tokens: torch.Tensor) -> tuple[float, dict[str, torch
     return float(loss), grads
 
 
-def _run(dtype: str, stock_row_linear: bool) -> dict:
+def _run(dtype: str, stock_row_linear: bool, recompute: str = "none") -> dict:
     from torch._dynamo.utils import counters
 
     from megatron_ext.models import specs
@@ -44,7 +46,9 @@ def _run(dtype: str, stock_row_linear: bool) -> dict:
 
         specs.GroupBoundRowParallelLinear = RowParallelLinear
     parallel = ParallelConfig(device="cpu")
-    model_cfg = ModelConfig(num_layers=2, seq_length=SEQ, vocab_size=VOCAB)
+    model_cfg = ModelConfig(
+        num_layers=2, seq_length=SEQ, vocab_size=VOCAB, recompute_granularity=recompute
+    )
     torch.manual_seed(5)
     chunk = build_model(model_cfg, parallel, PrecisionConfig(dtype=dtype), "cpu")[0]
     tokens = torch.randint(
@@ -77,8 +81,12 @@ def worker(rank: int, stock_row_linear: bool) -> dict:
     torch.set_num_threads(1)
     initialize_parallel(ParallelConfig(device="cpu"), seed=7)
     try:
-        dtypes = ("fp32",) if stock_row_linear else ("fp32", "bf16")
-        return {dtype: _run(dtype, stock_row_linear) for dtype in dtypes}
+        if stock_row_linear:
+            return {"fp32": _run("fp32", True)}
+        runs = {dtype: _run(dtype, False) for dtype in ("fp32", "bf16")}
+        for recompute in ("full", "selective"):
+            runs[recompute] = _run("fp32", False, recompute)
+        return runs
     finally:
         destroy_parallel()
 
@@ -116,12 +124,21 @@ def test_bound_group_layer_warns_nothing_in_eager_mode(ours):
 
 
 @pytest.mark.timeout(300)
-def test_one_graph_layers_compute_what_eager_layers_compute(ours):
-    eager_loss, eager_grads = ours["fp32"]["eager"]
+@pytest.mark.parametrize("run", ["fp32", "full", "selective"])
+def test_compiled_layers_compute_what_eager_layers_compute(ours, run):
+    eager_loss, eager_grads = ours[run]["eager"]
     assert eager_loss > 5.0  # about log(512): an untrained model's real loss
-    for loss, grads in ours["fp32"]["compiled"]:
+    for loss, grads in ours[run]["compiled"]:
         assert loss == pytest.approx(eager_loss, rel=1e-6)
         assert grads.keys() == eager_grads.keys()
         for name, grad in grads.items():
             assert eager_grads[name].abs().sum() > 0, f"{name}: no gradient reached it"
             torch.testing.assert_close(grad, eager_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_recomputation_keeps_full_layers_whole_and_breaks_selective_at_the_rng_state(ours):
+    assert ours["full"]["graph_breaks"] == 0, ours["full"]["break_reasons"]
+    # Dynamo compiles the layer once without and once with autograd (the recomputation).
+    assert ours["full"]["unique_graphs"] == 2
+    assert ours["selective"]["graph_breaks"] > 0
