@@ -16,9 +16,11 @@ Variants (``--variants``; the first four are the comparison, run first, the rest
   hf_compile          the same as hf_eager under torch.compile
   megatron_ext_megatron_grad_ops  megatron_ext with megatron-core's local gradient norm and
                       clip fallbacks and the clip before the update (attribution)
+  megatron_ext_wgrad_fusion  megatron_ext with model.wgrad_fusion=on: the weight-gradient GEMMs
+                      accumulate straight into DDP's fp32 main_grad (a candidate for the default)
   megatron_ext_split_layers  megatron_ext with megatron-core's stock RowParallelLinear, whose
                       deprecation warning splits every compiled layer into pieces (attribution of
-                      models/row_parallel.py)
+                      models/linear.py)
   megatron_ext_plain  the fast path off (compile_layers=off, fused_cross_entropy=off)
   megatron_ext_foreach_adamw  megatron_ext with torch's default (multi-tensor foreach) AdamW
                       update, as megatron-core builds it without TE/apex (attribution)
@@ -128,6 +130,7 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
     "hf_compile": (0, "hf", {"compile": True}, 70.0),
     "megatron_ext_megatron_grad_ops": (1, "megatron_ext", {"megatron_grad_ops": True}, 40.0),
     "megatron_ext_split_layers": (1, "megatron_ext", {"stock_row_linear": True}, 45.0),
+    "megatron_ext_wgrad_fusion": (1, "megatron_ext", {"wgrad_fusion": "on"}, 45.0),
     "megatron_ext_plain": (
         1,
         "megatron_ext",
@@ -154,8 +157,9 @@ STEP_SETTINGS = ("fused_adamw", "sdpa_prefer", "megatron_grad_ops", "stock_row_l
 # hf_eager first: the first job on a fresh machine ran with more GPU idle time than the same job
 # later (24 against 7.5 ms per step, 2026-11-27), and hf_eager is never the fastest variant.
 DEFAULT_VARIANTS = (
-    "hf_eager,megatron_ext,hf_liger,hf_compile,megatron_ext_split_layers,"
-    "megatron_ext_megatron_grad_ops,megatron_ext_plain,megatron_ext_foreach_adamw"
+    "hf_eager,megatron_ext,hf_liger,hf_compile,megatron_ext_wgrad_fusion,"
+    "megatron_ext_split_layers,megatron_ext_megatron_grad_ops,megatron_ext_plain,"
+    "megatron_ext_foreach_adamw"
 )
 
 
@@ -270,7 +274,7 @@ def _megatron_step_fn(
 
         from megatron_ext.models import specs
 
-        specs.GroupBoundRowParallelLinear = RowParallelLinear
+        specs.LocalRowParallelLinear = RowParallelLinear
     chunks = build_model(model_cfg, parallel, precision, device)
     ddp = wrap_ddp(chunks, parallel, precision)
     optimizer = build_optimizer(

@@ -176,6 +176,9 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[Problem]) -> Any:
         problems.append(Problem(key, value, f"expected {tp}", "give a value of that type"))
         return value
     if origin is typing.Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            # YAML 1.1 reads an unquoted on / off (also yes / no) as a boolean.
+            value = "on" if value else "off"
         if value not in args:
             problems.append(
                 Problem(key, value, f"must be one of {list(args)}", f"choose one of {list(args)}")

@@ -4,8 +4,8 @@ Two backends. ``transformer_engine`` (TE's fused LayerNorm+Linear, FP8-capable G
 attention) is used when TE imports and a GPU is present. ``local`` uses megatron-core's own
 tensor-parallel linear layers with torch RMSNorm, our SDPA core attention in place of
 megatron-core's unfused ``DotProductAttention`` (which materialises ``[b, heads, s, s]``), and
-``GroupBoundRowParallelLinear`` for the two row-parallel linears (so that a compiled layer is one
-graph; see ``row_parallel``).
+our subclasses of megatron-core's parallel linear layers (``linear``: a compiled layer is one graph,
+and the weight gradient can go straight into DDP's ``main_grad``).
 Both produce the same parameter names in checkpoints (megatron-core maps the local norms onto TE's
 fused ``layer_norm_weight`` keys), so checkpoints move between backends.
 """
@@ -17,8 +17,8 @@ import importlib.util
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ext.models.attention import SDPACoreAttention
+from megatron_ext.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from megatron_ext.models.norm import RMSNorm
-from megatron_ext.models.row_parallel import GroupBoundRowParallelLinear
 
 
 def transformer_engine_available() -> bool:
@@ -65,8 +65,9 @@ def get_layer_spec(backend: str, attention_backend: str = "sdpa") -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
-    spec.submodules.self_attention.submodules.linear_proj = GroupBoundRowParallelLinear
-    spec.submodules.mlp.submodules.linear_fc2 = GroupBoundRowParallelLinear
+    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attention.linear_qkv, attention.linear_proj = LocalColumnParallelLinear, LocalRowParallelLinear
+    mlp.linear_fc1, mlp.linear_fc2 = LocalColumnParallelLinear, LocalRowParallelLinear
     if attention_backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     elif attention_backend != "unfused":

@@ -5,7 +5,7 @@ One gloo process forms the world of a single-GPU run (global rank 0, where megat
 with the ``aot_eager`` backend (Dynamo and AOTAutograd trace exactly as with Inductor, without
 generating kernels), then runs forward and backward twice. Dynamo's counters must show no graph
 break and a single graph for all layers. The same model built with megatron-core's stock
-``RowParallelLinear`` must show the breaks (this is what the spec's ``GroupBoundRowParallelLinear``
+``RowParallelLinear`` must show the breaks (this is what the spec's ``LocalRowParallelLinear``
 removes), and in eager mode our layer must not emit the warning at all. With activation
 recomputation the compiled layers must still compute what eager ones do: ``full`` without a graph
 break, ``selective`` breaking where megatron-core's checkpoint saves the RNG states.
@@ -44,7 +44,7 @@ def _run(dtype: str, stock_row_linear: bool, recompute: str = "none") -> dict:
     if stock_row_linear:  # megatron-core's own class in the same slots
         from megatron.core.tensor_parallel.layers import RowParallelLinear
 
-        specs.GroupBoundRowParallelLinear = RowParallelLinear
+        specs.LocalRowParallelLinear = RowParallelLinear
     parallel = ParallelConfig(device="cpu")
     model_cfg = ModelConfig(
         num_layers=2, seq_length=SEQ, vocab_size=VOCAB, recompute_granularity=recompute

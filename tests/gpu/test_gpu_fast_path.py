@@ -8,6 +8,8 @@ Run by ``tests/gpu/run_gpu_checks.sh``; skipped without CUDA. Checks, on the GPU
 * a small megatron_ext model trained three steps with the fast path (Inductor-compiled layers,
   chunked loss) against the plain local path from the same weights, in fp32 (tight) and bf16,
   and with no ``torch.compile`` graph break on the way (each layer one graph).
+* ``model.wgrad_fusion``: the weight-gradient accumulation into an fp32 ``main_grad`` on cuBLAS
+  against float64, and the fused fast path trained like the unfused one, without a graph break.
 """
 
 from __future__ import annotations
@@ -144,4 +146,57 @@ def test_fast_path_model_trains_like_plain(parallel_context, dtype, rtol):
     torch.testing.assert_close([r.loss for r in fast], plain_losses, rtol=rtol, atol=0.0)
     torch.testing.assert_close(
         [r.grad_norm for r in fast], [r.grad_norm for r in plain], rtol=10 * rtol, atol=0.0
+    )
+
+
+def test_wgrad_accumulation_on_cuda_matches_float64():
+    from megatron_ext.models.wgrad_fusion import (
+        accumulate_wgrad,
+        cuda_fp32_accumulation_available,
+    )
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    grad_output = torch.randn(512, 2, 384, device="cuda", generator=gen).to(torch.bfloat16)
+    inp = torch.randn(512, 2, 256, device="cuda", generator=gen).to(torch.bfloat16)
+    main_grad = torch.randn(384, 256, device="cuda", generator=gen)
+    expected = main_grad.double() + grad_output.double().flatten(0, 1).t() @ inp.double().flatten(
+        0, 1
+    )
+    accumulate_wgrad(main_grad, grad_output, inp)
+    error = float((main_grad.double() - expected).norm() / expected.norm())
+    if cuda_fp32_accumulation_available(torch.cuda.current_device()):
+        assert error < 1e-5, error  # fp32 accumulation of exact bf16 products
+    else:  # an older torch: the bf16 product rounded once, then added
+        assert error < 1e-2, error
+
+
+def test_wgrad_fusion_trains_like_the_ddp_add(parallel_context):
+    from torch._dynamo.utils import counters
+
+    from megatron_ext.models.config import ModelConfig, PrecisionConfig
+    from megatron_ext.models.specs import transformer_engine_available
+
+    if transformer_engine_available():
+        pytest.skip("the fusion applies to the local layers; TE fuses the accumulation itself")
+    ctx, parallel = parallel_context
+    precision = PrecisionConfig(dtype="bf16")
+    base = ModelConfig(
+        num_layers=2,
+        hidden_size=256,
+        ffn_hidden_size=704,
+        num_attention_heads=4,
+        num_query_groups=2,
+        seq_length=SEQ,
+        vocab_size=VOCAB,
+    )
+    _, unfused, state = _train(ctx, parallel, base, precision, None)
+    counters.clear()
+    _, fused, _ = _train(ctx, parallel, replace(base, wgrad_fusion="on"), precision, state)
+    breaks = {reason.splitlines()[0]: count for reason, count in counters["graph_break"].items()}
+    assert not breaks, breaks
+    torch.testing.assert_close(
+        [r.loss for r in fused], [r.loss for r in unfused], rtol=2e-2, atol=0
+    )
+    torch.testing.assert_close(
+        [r.grad_norm for r in fused], [r.grad_norm for r in unfused], rtol=5e-2, atol=0
     )

@@ -113,6 +113,12 @@ RULES = {
     "vocab_positive": (["--model.vocab_size=0"], 8, "model.vocab_size", "tokenizer"),
     "eod_inside_vocab": (["--data.eod_token_id=5000"], 8, "data.eod_token_id", "end-of-document"),
     "fp8_needs_bf16": (["--precision.fp8=e4m3"], 8, "precision.fp8", "precision.dtype=bf16"),
+    "wgrad_fusion_without_overlapped_reduce": (
+        ["--model.wgrad_fusion=on", "--parallel.overlap_grad_reduce=true"],
+        8,
+        "model.wgrad_fusion",
+        "overlap_grad_reduce=false",
+    ),
     "tokenizer_needs_path": (
         ["--tokenizer.tokenizer_type=SentencePieceTokenizer"],
         8,
@@ -169,3 +175,18 @@ def test_yaml_file_and_overrides_round_trip(tmp_path):
 def test_override_needs_equals_sign():
     with pytest.raises(ConfigError):
         apply_overrides({}, ["--model.num_layers"])
+
+
+def test_unquoted_on_and_off_reach_the_on_off_settings(tmp_path):
+    # YAML 1.1 reads on / off as booleans; the fast-path settings take them as written.
+    cfg = load_config(
+        ExperimentConfig, None, ["--model.compile_layers=on", "--model.fused_cross_entropy=off"]
+    )
+    assert (cfg.model.compile_layers, cfg.model.fused_cross_entropy) == ("on", "off")
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  wgrad_fusion: on\n  compile_layers: off\n", encoding="utf-8")
+    cfg = load_config(ExperimentConfig, str(path), [])
+    assert (cfg.model.wgrad_fusion, cfg.model.compile_layers) == ("on", "off")
+    # Elsewhere a boolean is still no string: recompute_granularity has no on / off.
+    with pytest.raises(ConfigError, match="model.recompute_granularity"):
+        load_config(ExperimentConfig, None, ["--model.recompute_granularity=true"])

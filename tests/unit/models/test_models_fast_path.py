@@ -103,6 +103,21 @@ def test_resolve_fast_path(backend, device, compile_layers, fused, expected):
     assert resolve_fast_path(model, backend, device) == expected
 
 
+@pytest.mark.parametrize(
+    "backend,device,setting,expected",
+    [
+        ("local", "cuda", "off", False),
+        ("local", "cuda", "on", True),
+        ("local", "cpu", "on", True),
+        ("transformer_engine", "cuda", "on", False),  # TE fuses the accumulation itself
+    ],
+)
+def test_wgrad_fusion_is_opt_in_and_local_only(backend, device, setting, expected):
+    plan = resolve_fast_path(ModelConfig(wgrad_fusion=setting), backend, device)
+    assert plan.wgrad_fusion is expected
+    assert ("weight gradients into main_grad" in plan.describe()) is expected
+
+
 def test_unknown_setting_is_a_clear_error():
     with pytest.raises(ValueError, match="compile_layers"):
         resolve_fast_path(ModelConfig(compile_layers="yes"), "local", "cuda")
