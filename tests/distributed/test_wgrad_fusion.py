@@ -1,14 +1,16 @@
 """Weight gradients accumulated in the GEMM (``model.wgrad_fusion``) train exactly like the DDP add.
 
-Fresh gloo processes train three steps of two micro-batches each (so ``main_grad`` accumulates
-across micro-batches) from the same weights and batches, with the fusion off and on: on one rank
-(every transformer linear fuses), on one rank with every layer compiled (``aot_eager``: the layer
-must stay one graph with the custom op inside), and with TP2 and sequence parallelism (the
-row-parallel linears fuse; the column-parallel ones reduce their input gradient inside the matmul
-and keep megatron-core's path). Losses, gradient norms and every ``main_grad`` after the first
-step must agree to float tolerance, and a profile of each step after the first (which also
-traces the compiled layers) must show the fused op as often as there are fused linears x
-micro-batches (and never with the fusion off).
+Fresh gloo processes train three steps of a four-sequence batch in micro-batches of two (so
+``main_grad`` accumulates across micro-batches, except with DP2) from the same weights and
+batches, with the fusion off and on: on one rank (every transformer linear fuses), on one rank
+with every layer compiled (``aot_eager``: the layer must stay one graph with the custom op
+inside), with TP2 and sequence parallelism (the row-parallel linears fuse; the column-parallel
+ones reduce their input gradient inside the matmul and keep megatron-core's path), and with DP2
+and the distributed optimizer (the reduce-scatter after the backward reads the fused
+``main_grad``). Losses, gradient norms and every ``main_grad`` after the first step must agree
+to float tolerance, and a profile of each step after the first (which also traces the compiled
+layers) must show the fused op as often as there are fused linears x micro-batches (and never
+with the fusion off).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def worker(rank: int, phase: str) -> dict:
     from megatron_ext.training.schedule_config import ScheduleConfig
 
     torch.set_num_threads(1)
-    fusion, tp, compiled = phase.split("-")[0], 2 if "tp2" in phase else 1, "compiled" in phase
+    fusion, compiled = phase.split("-")[0], "compiled" in phase
+    tp, dp = (2, 1) if "tp2" in phase else (1, 2) if "dp2" in phase else (1, 1)
     run = SmallTrainer(
         ParallelConfig(device="cpu", tensor_model_parallel_size=tp, sequence_parallel=tp > 1),
         ModelConfig(num_layers=LAYERS, seq_length=SEQ, vocab_size=VOCAB, wgrad_fusion=fusion),
@@ -54,7 +57,9 @@ def worker(rank: int, phase: str) -> dict:
             tokens = torch.randint(
                 1, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(step)
             )
-            micro_batches = split_micro_batches(tokens, MICRO_BATCH)
+            share = GLOBAL_BATCH // dp  # this data-parallel rank's rows
+            mine = tokens[run.ctx.dp_rank * share : (run.ctx.dp_rank + 1) * share]
+            micro_batches = split_micro_batches(mine, MICRO_BATCH)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 result = run.train_on(micro_batches, SEQ)
             out["losses"].append(result.loss)
@@ -78,6 +83,8 @@ PHASES = {  # phase -> processes
     "on-compiled": 1,
     "off-tp2": 2,
     "on-tp2": 2,
+    "off-dp2": 2,
+    "on-dp2": 2,
 }
 
 
@@ -89,7 +96,7 @@ def runs():
 @pytest.mark.timeout(600)
 def test_the_fused_op_runs_once_per_fused_linear_and_micro_batch(runs):
     micro_batches = GLOBAL_BATCH // MICRO_BATCH
-    for rank in runs["off"] + runs["off-tp2"]:
+    for rank in runs["off"] + runs["off-tp2"] + runs["off-dp2"]:
         assert rank["op_calls"] == [0, 0, 0]
     # One rank: qkv, attention output, fc1 and fc2 of every layer.
     for phase in ("on", "on-compiled"):
@@ -97,6 +104,9 @@ def test_the_fused_op_runs_once_per_fused_linear_and_micro_batch(runs):
     # TP2 + sequence parallelism: the two row-parallel linears of every layer.
     for rank in runs["on-tp2"]:
         assert rank["op_calls"][1:] == [2 * LAYERS * micro_batches] * 2
+    # DP2: every linear, on each rank's one micro-batch.
+    for rank in runs["on-dp2"]:
+        assert rank["op_calls"][1:] == [4 * LAYERS * micro_batches // 2] * 2
 
 
 @pytest.mark.timeout(600)
@@ -108,7 +118,8 @@ def test_compiled_fused_layers_stay_one_graph(runs):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    "phase,reference", [("on", "off"), ("on-compiled", "off"), ("on-tp2", "off-tp2")]
+    "phase,reference",
+    [("on", "off"), ("on-compiled", "off"), ("on-tp2", "off-tp2"), ("on-dp2", "off-dp2")],
 )
 def test_fused_training_matches_the_ddp_add(runs, phase, reference):
     for ours, ref in zip(runs[phase], runs[reference], strict=True):
