@@ -112,13 +112,10 @@ def _train(ctx, parallel, model_cfg, precision, state):
     return type(chunks[0]).__name__, results, snapshot
 
 
-@pytest.mark.parametrize("dtype,rtol", [("fp32", 2e-4), ("bf16", 2e-2)])
-def test_fast_path_model_trains_like_plain(parallel_context, dtype, rtol):
-    from megatron_ext.models.config import ModelConfig, PrecisionConfig
+def _small_model():
+    from megatron_ext.models.config import ModelConfig
 
-    ctx, parallel = parallel_context
-    precision = PrecisionConfig(dtype=dtype)
-    base = ModelConfig(
+    return ModelConfig(
         num_layers=2,
         hidden_size=256,
         ffn_hidden_size=704,
@@ -127,6 +124,15 @@ def test_fast_path_model_trains_like_plain(parallel_context, dtype, rtol):
         seq_length=SEQ,
         vocab_size=VOCAB,
     )
+
+
+@pytest.mark.parametrize("dtype,rtol", [("fp32", 2e-4), ("bf16", 2e-2)])
+def test_fast_path_model_trains_like_plain(parallel_context, dtype, rtol):
+    from megatron_ext.models.config import PrecisionConfig
+
+    ctx, parallel = parallel_context
+    precision = PrecisionConfig(dtype=dtype)
+    base = _small_model()
     off = replace(base, compile_layers="off", fused_cross_entropy="off")
     plain_class, plain, state = _train(ctx, parallel, off, precision, None)
     # auto on CUDA without Transformer Engine: the fast path.
@@ -173,22 +179,14 @@ def test_wgrad_accumulation_on_cuda_matches_float64():
 def test_wgrad_fusion_trains_like_the_ddp_add(parallel_context):
     from torch._dynamo.utils import counters
 
-    from megatron_ext.models.config import ModelConfig, PrecisionConfig
+    from megatron_ext.models.config import PrecisionConfig
     from megatron_ext.models.specs import transformer_engine_available
 
     if transformer_engine_available():
         pytest.skip("the fusion applies to the local layers; TE fuses the accumulation itself")
     ctx, parallel = parallel_context
     precision = PrecisionConfig(dtype="bf16")
-    base = ModelConfig(
-        num_layers=2,
-        hidden_size=256,
-        ffn_hidden_size=704,
-        num_attention_heads=4,
-        num_query_groups=2,
-        seq_length=SEQ,
-        vocab_size=VOCAB,
-    )
+    base = _small_model()
     _, unfused, state = _train(ctx, parallel, base, precision, None)
     counters.clear()
     _, fused, _ = _train(ctx, parallel, replace(base, wgrad_fusion="on"), precision, state)
