@@ -35,8 +35,8 @@ logits, attention scores not halved for causality, no embedding lookup) and with
 per token (the count behind earlier published percentages), peak allocated and reserved memory, and
 the first/last loss, how many graphs ``torch.compile`` made and how many graph breaks it hit, and
 where the GPU time of ``--profile-steps`` further steps goes (``benchmarks/kernel_profile.py``:
-kernel time by category and the top kernels). For each shape,
-every variant's ratio to the fastest Hugging Face variant. Results go to
+kernel time by category and the top kernels). For each shape, every variant's ratio to the
+fastest Hugging Face variant. Results go to
 ``<out-dir>/train_step.json`` and ``train_step.md`` with the card and versions.
 
 One GPU (about 8 minutes, most of it compilation)::
@@ -421,7 +421,9 @@ def run_worker(args: argparse.Namespace) -> dict:
         record.update(status="oom", error=str(error).splitlines()[0][:300])
         return record
     record.update(_measurements(model, shape, times, losses, args.peak_tflops, device))
-    record.update(compile_stats())
+    from megatron_ext.models.fast_path import compile_counts
+
+    record.update(compile_counts())
     if args.profile_steps:
         # After the timed steps, so the profiler's overhead stays out of the timing.
         try:
@@ -432,18 +434,6 @@ def run_worker(args: argparse.Namespace) -> dict:
             record["profile_error"] = f"{type(error).__name__}: {error}"[:300]
     record["wall_s"] = round(time.perf_counter() - started, 1)
     return record
-
-
-def compile_stats() -> dict:
-    """What ``torch.compile`` did in this process: graphs made, graph breaks and their reasons."""
-    from torch._dynamo.utils import counters
-
-    breaks = counters["graph_break"]
-    return {
-        "compiled_graphs": counters["stats"]["unique_graphs"],
-        "graph_breaks": sum(breaks.values()),
-        "graph_break_reasons": [reason.splitlines()[0][:160] for reason in breaks][:5],
-    }
 
 
 def _measurements(model, shape, times, losses, peak_tflops, device) -> dict:

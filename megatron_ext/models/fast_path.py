@@ -103,6 +103,19 @@ def compile_transformer_layers(
     return len(layers)
 
 
+def compile_counts() -> dict:
+    """What ``torch.compile`` did in this process so far: graphs made, graph breaks (and the first
+    line of their first five reasons). A compiled local layer on one GPU is one graph, no break."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    return {
+        "compiled_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(breaks.values()),
+        "graph_break_reasons": [reason.splitlines()[0][:160] for reason in breaks][:5],
+    }
+
+
 def _decoder_layers(chunk: torch.nn.Module) -> list[torch.nn.Module]:
     module = chunk.module if hasattr(chunk, "module") else chunk
     decoder = getattr(module, "decoder", None)
