@@ -55,15 +55,11 @@ def accumulate_wgrad(main_grad: Tensor, grad_output: Tensor, inp: Tensor) -> Non
     """``main_grad += grad_output^T @ inp`` over all leading (token) dimensions."""
     g, x = _matrices(grad_output, inp)
     low_precision = g.dtype in (torch.bfloat16, torch.float16)
-    if (
-        main_grad.is_cuda
-        and main_grad.dtype == torch.float32
-        and low_precision
-        and cuda_fp32_accumulation_available(main_grad.device.index)
-    ):
-        torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, out=main_grad)
-    elif main_grad.is_cuda and low_precision and main_grad.dtype == torch.float32:
-        main_grad.add_(g.t() @ x)  # an older torch: the unfused two passes, as without fusion
+    if main_grad.is_cuda and main_grad.dtype == torch.float32 and low_precision:
+        if cuda_fp32_accumulation_available(main_grad.device.index):
+            torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, out=main_grad)
+        else:  # an older torch: the unfused two passes, as without fusion
+            main_grad.add_(g.t() @ x)
     else:
         main_grad.addmm_(g.t().to(main_grad.dtype), x.to(main_grad.dtype))
 
