@@ -7,13 +7,15 @@
 # GPU_CHECKS_BENCH_ARGS adds arguments to the benchmark (e.g. "--steps 20", or for a CPU rehearsal
 # "--tiny --cpu --shapes 32x2 --steps 2 --warmup 1").
 # In priority order it runs
-#   1. the training-step benchmark (benchmarks/train_step.py): megatron_ext's default path and the
-#      Hugging Face baselines (eager, Liger Kernel, torch.compile) at 4,096 x 2 and 8,192 x 1, then
-#      shape by shape the attributions (megatron_ext with the stock RowParallelLinear, i.e. the
-#      compiled layers in pieces; with megatron-core's gradient norm and clip; with the fast path
-#      off; with torch's default AdamW update), then the recipe_1b preset (GQA, context 8,192, its recompute settings) for its memory; every
-#      megatron_ext run records its peak memory next to the dry-run estimate for one GPU; jobs
-#      that no longer fit the budget are listed as skipped;
+#   1. the training-step benchmark (benchmarks/train_step.py): megatron_ext's default path, the
+#      Hugging Face baselines (eager, Liger Kernel, torch.compile) and the candidate for the
+#      default (weight gradients into main_grad) at 4,096 x 2 and 8,192 x 1, then shape by shape
+#      the attributions (megatron_ext with the stock RowParallelLinear, i.e. the compiled layers
+#      in pieces; with megatron-core's gradient norm and clip; with the fast path off; with
+#      torch's default AdamW update), then the recipe_1b preset (GQA, context 8,192, its
+#      recompute settings) for its memory; every megatron_ext run records its peak memory next
+#      to the dry-run estimate for one GPU; jobs that no longer fit the budget are listed as
+#      skipped;
 #   2. the gpu-marked tests (tests/gpu: the fast path's numerics, then fused AdamW and background
 #      checkpoint saves on CUDA), with the time that is left (at least 100 s reserved).
 # Written to OUTPUT_DIR: environment.txt, benchmark.log, train_step.json, train_step.md,

@@ -73,6 +73,16 @@ def test_attributions_run_shape_by_shape_after_the_comparison(bench):
     ]
 
 
+def test_default_plan_measures_the_default_candidate_at_every_shape_before_attributions(bench):
+    args = bench.build_parser().parse_args(["--shapes", "4096x2,8192x1"])
+    order = [(job["variant"], job["shape"]) for job in bench.plan_jobs(args)]
+    comparison = {"hf_eager", "hf_liger", "hf_compile", "megatron_ext", "megatron_ext_wgrad_fusion"}
+    assert set(order[: 2 * len(comparison)]) == {
+        (variant, shape) for variant in comparison for shape in ("4096x2", "8192x1")
+    }
+    assert order[0] == ("hf_eager", "4096x2")
+
+
 def test_jobs_run_core_variants_first_in_the_given_order(bench):
     args = bench.build_parser().parse_args(
         ["--variants", "megatron_ext_plain,megatron_ext,hf_eager", "--shapes", "4096x2,8192x1"]
