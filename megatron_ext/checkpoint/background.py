@@ -37,6 +37,19 @@ from megatron_ext.checkpoint.directory import CheckpointError
 logger = logging.getLogger(__name__)
 
 
+def save_failed(step: int | None, exc: BaseException, what: str) -> CheckpointError:
+    """The error every rank raises when megatron-core reports a failed write of ``step``.
+
+    megatron-core broadcasts a write failure to every rank of the save; the failing ranks and
+    their errors are listed on the coordinator (global rank 0) only.
+    """
+    if getattr(exc, "failures", None) == {}:
+        detail = "a write failed on another rank; global rank 0 reports which and why"
+    else:
+        detail = f"{type(exc).__name__}: {exc}"
+    return CheckpointError(f"the {what} of step {step} failed and was not published ({detail})")
+
+
 class BackgroundSaves:
     """The saves whose writer processes were started and that are not yet published."""
 
@@ -90,11 +103,7 @@ class BackgroundSaves:
             raise
         except (CheckpointException, CheckpointingException) as exc:
             # Raised on every rank when any rank's writer failed (with the details on rank 0).
-            step = self._forget_finalized()
-            raise CheckpointError(
-                f"the background save of step {step} failed and was not published "
-                f"({type(exc).__name__}: {exc})"
-            ) from exc
+            raise save_failed(self._forget_finalized(), exc, "background save") from exc
         # The publishing step (manager.save_checkpoint) logs each save and its duration.
         return [self._steps.pop(call) for call in finished]
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_ext.checkpoint import directory as fs
-from megatron_ext.checkpoint.background import BackgroundSaves
+from megatron_ext.checkpoint.background import BackgroundSaves, save_failed
 from megatron_ext.checkpoint.compatibility import check_config_change
 from megatron_ext.checkpoint.config import CheckpointConfig
 from megatron_ext.checkpoint.directory import CheckpointError
@@ -72,6 +72,8 @@ def save_checkpoint(
     still in flight from an earlier step is waited for and published first.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if background is not None:
         background.wait()
@@ -114,7 +116,11 @@ def save_checkpoint(
         return final
 
     if background is None:
-        dist_checkpointing.save(state, str(temp))
+        try:
+            dist_checkpointing.save(state, str(temp))
+        except (CheckpointException, CheckpointingException) as exc:
+            # torch's CheckpointException is a BaseException: turned into an Exception here.
+            raise save_failed(step, exc, "save") from exc
         _barrier(ctx)
         return publish()
     request = dist_checkpointing.save(state, str(temp), async_sharded_save=True)

@@ -4,7 +4,8 @@ One run of 4 ranks: train steps 1-2; save step 2 synchronously into ``sync/`` an
 into ``async/``; train steps 3-4 while the background writers may still run (step 3 changes every
 weight in place); publish. Then one rank's writer fails (an injected ENOSPC in rank 1's file
 writes): every rank gets the error, nothing is published, ``latest`` stays put, and the next
-background save succeeds and clears the failed attempt's directory.
+background save succeeds and clears the failed attempt's directory; the same for a synchronous
+save.
 
 The checks: the background checkpoint of step 2 holds exactly the tensors of the synchronous one
 (the snapshot is taken when the save is called, not when the files are written); both verify and
@@ -80,25 +81,32 @@ def worker(rank: int, root: str) -> dict:
         results["published"] = published
         results["latest_after_step_2"] = fs.read_latest(Path(async_cfg.save_dir))
 
-        # One rank's writer fails: every rank learns it; nothing is published.
+        # One rank's writer fails: every rank learns it; nothing is published. The same for a
+        # synchronous save, whose failure megatron-core raises as torch's CheckpointException, a
+        # BaseException that save_checkpoint turns into a CheckpointError.
         original_write = filesystem_async._write_item
         if rank == 1:
             filesystem_async._write_item = _failing_write
         try:
-            _save(trainer, async_cfg, background)
-            background.wait()
-            results["failure"] = None
-        except CheckpointError as exc:
-            results["failure"] = str(exc)
+            for name, cfg, saves in (("", async_cfg, background), ("sync_", sync_cfg, None)):
+                try:
+                    _save(trainer, cfg, saves)
+                    background.wait()
+                    results[f"{name}failure"] = None
+                except CheckpointError as exc:
+                    results[f"{name}failure"] = str(exc)
         finally:
             filesystem_async._write_item = original_write
         results["in_flight_after_failure"] = background.in_flight
         results["latest_after_failure"] = fs.read_latest(Path(async_cfg.save_dir))
+        results["sync_latest_after_failure"] = fs.read_latest(Path(sync_cfg.save_dir))
 
         trainer.train(results)
         _save(trainer, async_cfg, background)
         results["published_after_failure"] = background.wait()
         results["entries"] = sorted(os.listdir(async_cfg.save_dir))
+        _save(trainer, sync_cfg, None)
+        results["sync_entries"] = sorted(os.listdir(sync_cfg.save_dir))
     finally:
         background.abort()
         destroy_parallel()
@@ -150,3 +158,18 @@ def test_async_save_failure_on_one_rank_reaches_every_rank(async_run):
         assert rank_results["published_after_failure"] == [5]
     # The failed attempt left no directory behind once the next save started.
     assert results[0]["entries"] == ["iter_0000002", "iter_0000005", "latest"]
+
+
+@pytest.mark.timeout(600)
+def test_synchronous_save_failure_on_one_rank_reaches_every_rank(async_run):
+    root, results = async_run
+    for rank, rank_results in enumerate(results):
+        failure = rank_results["sync_failure"]
+        assert failure is not None and "save of step 4" in failure, failure
+        # Rank 0 names the failing rank and its error; the others point to rank 0.
+        if rank == 0:
+            assert "No space left on device (injected)" in failure
+        else:
+            assert "another rank" in failure
+        assert rank_results["sync_latest_after_failure"] == "iter_0000002"
+    assert results[0]["sync_entries"] == ["iter_0000002", "iter_0000005", "latest"]
