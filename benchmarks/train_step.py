@@ -23,6 +23,8 @@ are the comparison, run first at every shape; the rest are attributions, run sha
   megatron_ext_split_layers  megatron_ext with megatron-core's stock RowParallelLinear, whose
                       deprecation warning splits every compiled layer into pieces (attribution of
                       models/linear.py)
+  megatron_ext_loss_read_first  megatron_ext with the host waiting for the backward before the
+                      gradients are prepared, as when the step read its loss first (attribution)
   megatron_ext_plain  the fast path off (compile_layers=off, fused_cross_entropy=off)
   megatron_ext_foreach_adamw  megatron_ext with torch's default (multi-tensor foreach) AdamW
                       update, as megatron-core builds it without TE/apex (attribution)
@@ -132,6 +134,7 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
     "hf_compile": (0, "hf", {"compile": True}, 70.0),
     "megatron_ext_megatron_grad_ops": (1, "megatron_ext", {"megatron_grad_ops": True}, 40.0),
     "megatron_ext_split_layers": (1, "megatron_ext", {"stock_row_linear": True}, 45.0),
+    "megatron_ext_loss_read_first": (1, "megatron_ext", {"wait_before_grad_prep": True}, 40.0),
     # A candidate for the default: in the comparison, so that one run measures it at every shape
     # next to the baselines (switching the default needs both shapes from the same run).
     "megatron_ext_wgrad_fusion": (0, "megatron_ext", {"wgrad_fusion": "on"}, 45.0),
@@ -157,13 +160,19 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
     ),
 }
 # Variant settings that are not ModelConfig fields.
-STEP_SETTINGS = ("fused_adamw", "sdpa_prefer", "megatron_grad_ops", "stock_row_linear")
+STEP_SETTINGS = (
+    "fused_adamw",
+    "sdpa_prefer",
+    "megatron_grad_ops",
+    "stock_row_linear",
+    "wait_before_grad_prep",
+)
 # hf_eager first: the first job on a fresh machine ran with more GPU idle time than the same job
 # later (24 against 7.5 ms per step, 2026-11-27), and hf_eager is never the fastest variant.
 DEFAULT_VARIANTS = (
     "hf_eager,megatron_ext,hf_liger,hf_compile,megatron_ext_wgrad_fusion,"
-    "megatron_ext_split_layers,megatron_ext_megatron_grad_ops,megatron_ext_plain,"
-    "megatron_ext_foreach_adamw"
+    "megatron_ext_split_layers,megatron_ext_megatron_grad_ops,megatron_ext_loss_read_first,"
+    "megatron_ext_plain,megatron_ext_foreach_adamw"
 )
 
 
@@ -290,6 +299,8 @@ def _megatron_step_fn(
         min_lr=1e-5,
     )
     attach_schedule_hooks(ddp, optimizer, parallel)
+    if settings.get("wait_before_grad_prep"):
+        _wait_before_grad_prep(optimizer, ctx.torch_device)
     megatron_grad_ops = settings.get("megatron_grad_ops", False)
     if megatron_grad_ops:  # the gradient norm and clip as megatron-core does them without TE/apex
         from megatron_ext.training import multi_tensor
@@ -325,6 +336,19 @@ def _megatron_step_fn(
         return result.loss
 
     return step, estimate
+
+
+def _wait_before_grad_prep(optimizer, device: torch.device) -> None:
+    """The host waits for the backward before megatron-core prepares the gradients, as it did
+    when ``train_step`` read the loss first (attribution of the later loss read)."""
+    prepare = optimizer.prepare_grads
+
+    def waiting_prepare_grads():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return prepare()
+
+    optimizer.prepare_grads = waiting_prepare_grads
 
 
 def _hf_step_fn(model: dict, settings: dict, shape: Shape, device: str):

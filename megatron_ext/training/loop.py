@@ -33,6 +33,7 @@ from megatron_ext.data.token_stream import build_token_streams
 from megatron_ext.monitoring.monitor import TrainingMonitor, format_record
 from megatron_ext.parallel.init import ParallelContext, destroy_parallel, initialize_parallel
 from megatron_ext.training.experiment import ExperimentConfig, validate_experiment
+from megatron_ext.training.optimizer import current_loss_scale
 from megatron_ext.training.schedules import (
     TrainProgress,
     advance,
@@ -182,7 +183,7 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
             batch = prefetcher.next()
             assert batch.request == plan.request, (batch.request, plan.request)
             monitor.start_step(plan.step + 1)
-            loss_scale = float(run.optimizer.get_loss_scale().item())
+            loss_scale = current_loss_scale(run.optimizer)
             began = time.perf_counter()
             result = train_step(
                 run.model,

@@ -25,9 +25,11 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     forward_backward_s: float = 0.0
-    """Forward/backward of all micro-batches, pipeline communication and gradient reduction."""
+    """Forward/backward of all micro-batches, pipeline communication and gradient reduction (on
+    CUDA the stream's own time: from the step's first kernel to the end of the backward)."""
     optimizer_s: float = 0.0
-    """Gradient norm, stability check, clipping and the optimizer update."""
+    """The rest of the step (its wall time less ``forward_backward_s``): gradient norm,
+    stability check, clipping and the optimizer update."""
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -100,27 +102,67 @@ def train_step(
     ``clip_in_update``: clip inside torch's fused AdamW update where that is the optimizer (see
     ``_clip_to_total_norm``); False clips the gradients first, as megatron-core does.
     """
+    clock = _StepClock(device)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    began = time.perf_counter()
     # The schedule ends with finalize_model_grads (see training.optimizer.attach_schedule_hooks).
     loss_dicts = run_forward_backward(model_chunks, micro_batches, seq_length, device)
-    loss = mean_loss(loss_dicts, device, pp_group, is_last_stage)
-    forward_backward_s = time.perf_counter() - began
-    result = StepResult(loss, None, True, forward_backward_s)
+    loss_value = mean_loss_value(loss_dicts, device, pp_group, is_last_stage)
+    clock.backward_done()
+    # The loss is read after the gradient norm: the host prepares the gradients and the norm
+    # (megatron-core's per-parameter Python) while the GPU still runs the backward, and the one
+    # read of the norm waits for both. Reading the loss first left the GPU idle meanwhile.
+    result = StepResult(None, None, True)
     found_inf = optimizer.prepare_grads()
     if not found_inf:
         result.grad_norm = float(optimizer.get_grad_norm())
-        if allow_update is None or allow_update(loss, result.grad_norm):
-            scaled_in_update = _clip_to_total_norm(optimizer, result.grad_norm, clip_in_update)
-            try:
-                result.skipped = not optimizer.step_with_ready_grads()
-            finally:
-                for adam in scaled_in_update:
-                    del adam.grad_scale
-    result.optimizer_s = time.perf_counter() - began - forward_backward_s
+    result.loss = float(loss_value.item())
+    if not found_inf and (allow_update is None or allow_update(result.loss, result.grad_norm)):
+        scaled_in_update = _clip_to_total_norm(optimizer, result.grad_norm, clip_in_update)
+        try:
+            result.skipped = not optimizer.step_with_ready_grads()
+        finally:
+            for adam in scaled_in_update:
+                del adam.grad_scale
+    result.forward_backward_s, result.optimizer_s = clock.split()
     return result
+
+
+class _StepClock:
+    """Where a step's time went: forward/backward, and the rest (norm, clip, update).
+
+    On a CPU the host's clock is the device's. On CUDA the host runs ahead of the GPU and waits
+    only where it reads a value, so the forward/backward time comes from CUDA events on the
+    stream (read at the end of the step, when the backward's event has passed), and the rest is
+    the host's wall time of the step less it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._began = time.perf_counter()
+        self._host_backward_s = 0.0
+        self._events = None
+        if device.type == "cuda":
+            self._events = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+            self._events[0].record()
+
+    def backward_done(self) -> None:
+        self._host_backward_s = time.perf_counter() - self._began
+        if self._events is not None:
+            self._events[1].record()
+
+    def split(self) -> tuple[float, float]:
+        """``(forward_backward_s, rest_s)``; call after a value of the step was read."""
+        total = time.perf_counter() - self._began
+        if self._events is None:
+            backward = self._host_backward_s
+        else:
+            self._events[1].synchronize()  # passed already: the step read a value after it
+            backward = self._events[0].elapsed_time(self._events[1]) / 1000.0
+        return backward, max(0.0, total - backward)
 
 
 def _clip_to_total_norm(
@@ -177,6 +219,16 @@ def mean_loss(
     is_last_stage: bool,
 ) -> float:
     """Mean micro-batch loss over the data-parallel group, broadcast from the last stage."""
+    return float(mean_loss_value(loss_dicts, device, pp_group, is_last_stage).item())
+
+
+def mean_loss_value(
+    loss_dicts: list[dict[str, Any]],
+    device: torch.device,
+    pp_group: torch.distributed.ProcessGroup,
+    is_last_stage: bool,
+) -> torch.Tensor:
+    """``mean_loss`` as a one-element float64 tensor on ``device``, not yet read by the host."""
     from megatron.core import parallel_state
 
     value = torch.zeros(1, dtype=torch.float64, device=device)
@@ -189,4 +241,4 @@ def mean_loss(
     # Every rank reports the same loss: the last stage owns it, the others receive it.
     last_rank = torch.distributed.get_global_rank(pp_group, pp_group.size() - 1)
     torch.distributed.broadcast(value, src=last_rank, group=pp_group)
-    return float(value.item())
+    return value

@@ -9,7 +9,8 @@ Run by ``tests/gpu/run_gpu_checks.sh``; skipped without CUDA. Checks, on the GPU
   chunked loss) against the plain local path from the same weights, in fp32 (tight) and bf16,
   and with no ``torch.compile`` graph break on the way (each layer one graph).
 * ``model.wgrad_fusion``: the weight-gradient accumulation into an fp32 ``main_grad`` on cuBLAS
-  against float64, and the fused fast path trained like the unfused one, without a graph break.
+  against float64, and the fused fast path trained like the unfused one, without a graph break;
+* a training step's first host wait is the gradient norm's read, not the loss's.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
     return split_micro_batches(tokens, MICRO_BATCH)
 
 
-def _train(ctx, parallel, model_cfg, precision, state):
+def _build(parallel, model_cfg, precision, state):
+    """``(chunks, ddp, optimizer, snapshot of the initial weights)`` on the GPU."""
     from megatron_ext.models.builder import build_model
     from megatron_ext.training.optimizer import (
         OptimizerConfig,
@@ -92,7 +94,6 @@ def _train(ctx, parallel, model_cfg, precision, state):
         build_optimizer,
         wrap_ddp,
     )
-    from megatron_ext.training.step import train_step
 
     chunks = build_model(model_cfg, parallel, precision, "cuda")
     if state is not None:
@@ -105,6 +106,13 @@ def _train(ctx, parallel, model_cfg, precision, state):
         ddp, OptimizerConfig(), parallel, precision, peak_lr=1e-3, min_lr=1e-4
     )
     attach_schedule_hooks(ddp, optimizer, parallel)
+    return chunks, ddp, optimizer, snapshot
+
+
+def _train(ctx, parallel, model_cfg, precision, state):
+    from megatron_ext.training.step import train_step
+
+    chunks, ddp, optimizer, snapshot = _build(parallel, model_cfg, precision, state)
     results = [
         train_step(ddp, optimizer, _micro_batches(i), SEQ, ctx.torch_device, ctx.pp_group(), True)
         for i in range(3)
@@ -201,3 +209,38 @@ def test_wgrad_fusion_trains_like_the_ddp_add(parallel_context):
     torch.testing.assert_close(
         [r.grad_norm for r in fused], [r.grad_norm for r in unfused], rtol=5e-2, atol=0
     )
+
+
+def test_first_host_wait_of_a_step_is_the_gradient_norm(parallel_context):
+    """The host reads the loss only after the gradient norm, so megatron-core's per-parameter
+    preparation of the gradients and of the norm runs while the GPU finishes the backward.
+
+    CUDA's sync debug mode warns at every call that makes the host wait for the GPU; each
+    warning carries the Python file that made the call.
+    """
+    import warnings
+
+    from megatron_ext.models.config import PrecisionConfig
+    from megatron_ext.training.step import train_step
+
+    ctx, parallel = parallel_context
+    model_cfg = replace(_small_model(), compile_layers="off")
+    _, ddp, optimizer, _ = _build(parallel, model_cfg, PrecisionConfig(dtype="bf16"), None)
+    pp_group = ctx.pp_group()
+    for step in range(2):  # the first update creates the optimizer state
+        train_step(ddp, optimizer, _micro_batches(step), SEQ, ctx.torch_device, pp_group, True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train_step(
+                ddp, optimizer, _micro_batches(7), SEQ, ctx.torch_device, pp_group, True
+            )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [w.filename for w in caught if "synchroniz" in str(w.message)]
+    assert waits, "a step reads its loss and norm, so the host must wait at least once"
+    assert not waits[0].endswith("step.py"), waits  # the loss was read first
+    assert any("clip_grads" in name or "multi_tensor" in name for name in waits), waits
+    assert result.forward_backward_s > 0 and result.optimizer_s >= 0

@@ -77,6 +77,11 @@ def test_dp1_with_4_microbatches_equals_dp4_with_1(token_dataset, tmp_path):
     assert [r["num_microbatches"] for r in four] == [1] * 6
     assert [r["seq_length"] for r in one] == [r["seq_length"] for r in four]
     assert len({r["seq_length"] for r in one}) > 1, "the curriculum changes the length"
+    for row in one + four:
+        assert row["loss_scale"] == 1.0  # fp32: no scaler
+        # The step's split: forward/backward, then the rest of the step (norm, update).
+        assert row["forward_backward_ms"] > 0 and row["optimizer_ms"] >= 0
+        assert row["forward_backward_ms"] + row["optimizer_ms"] <= row["step_time_ms"]
     for a, b in zip(one, four):
         assert a["consumed_tokens"] == b["consumed_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
