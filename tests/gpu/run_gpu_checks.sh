@@ -11,9 +11,8 @@
 #      Hugging Face baselines (eager, Liger Kernel, torch.compile) and the candidate for the
 #      default (weight gradients into main_grad) at 4,096 x 2 and 8,192 x 1, then shape by shape
 #      the attributions (megatron_ext with the stock RowParallelLinear, i.e. the compiled layers
-#      in pieces; with megatron-core's gradient norm and clip; with the host waiting for the
-#      backward before the gradient preparation; with the fast path off; with torch's default
-#      AdamW update), then the recipe_1b preset (GQA, context 8,192, its
+#      in pieces; with megatron-core's gradient norm and clip; with the fast path off; with
+#      torch's default AdamW update), then the recipe_1b preset (GQA, context 8,192, its
 #      recompute settings) for its memory; every megatron_ext run records its peak memory next
 #      to the dry-run estimate for one GPU; jobs that no longer fit the budget are listed as
 #      skipped;
