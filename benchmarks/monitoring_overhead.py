@@ -63,23 +63,16 @@ class _Trainer:
         from megatron_ext.models.config import PrecisionConfig
         from megatron_ext.parallel.config import ParallelConfig
         from megatron_ext.parallel.init import initialize_parallel
-        from megatron_ext.training.optimizer import (
-            OptimizerConfig,
-            attach_schedule_hooks,
-            build_optimizer,
-            wrap_ddp,
-        )
+        from megatron_ext.training.optimizer import OptimizerConfig, prepare_for_training
 
         self.parallel = ParallelConfig(device=args.device)
         self.ctx = initialize_parallel(self.parallel, seed=1)
         self.model_cfg = model_config(args, 8192, compile_layers=args.compile_layers)
         precision = PrecisionConfig(dtype=args.dtype)
         chunks = build_model(self.model_cfg, self.parallel, precision, self.ctx.device)
-        self.ddp = wrap_ddp(chunks, self.parallel, precision)
-        self.optimizer = build_optimizer(
-            self.ddp, OptimizerConfig(), self.parallel, precision, 1e-4, 1e-5
+        self.ddp, self.optimizer = prepare_for_training(
+            chunks, self.parallel, precision, OptimizerConfig(), 1e-4, 1e-5
         )
-        attach_schedule_hooks(self.ddp, self.optimizer, self.parallel)
         self.is_last = parallel_state.is_pipeline_last_stage()
         self.args = args
         self.gen = torch.Generator().manual_seed(0)

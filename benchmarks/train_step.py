@@ -264,12 +264,7 @@ def _megatron_step_fn(
     from megatron_ext.parallel.config import ParallelConfig
     from megatron_ext.parallel.init import initialize_parallel
     from megatron_ext.training.estimate import estimate_stages
-    from megatron_ext.training.optimizer import (
-        OptimizerConfig,
-        attach_schedule_hooks,
-        build_optimizer,
-        wrap_ddp,
-    )
+    from megatron_ext.training.optimizer import OptimizerConfig, prepare_for_training
     from megatron_ext.training.step import train_step
 
     parallel = ParallelConfig(device=device, use_distributed_optimizer=True)
@@ -290,16 +285,14 @@ def _megatron_step_fn(
 
         specs.LocalRowParallelLinear = RowParallelLinear
     chunks = build_model(model_cfg, parallel, precision, device)
-    ddp = wrap_ddp(chunks, parallel, precision)
-    optimizer = build_optimizer(
-        ddp,
-        OptimizerConfig(fused_adamw=settings.get("fused_adamw", True)),
+    ddp, optimizer = prepare_for_training(
+        chunks,
         parallel,
         precision,
+        OptimizerConfig(fused_adamw=settings.get("fused_adamw", True)),
         peak_lr=1e-4,
         min_lr=1e-5,
     )
-    attach_schedule_hooks(ddp, optimizer, parallel)
     if settings.get("wait_before_grad_prep"):
         _wait_before_grad_prep(optimizer, ctx.torch_device)
     megatron_grad_ops = settings.get("megatron_grad_ops", False)

@@ -137,6 +137,22 @@ def _use_fused_torch_adam(optimizer) -> None:
         adam.defaults.update(foreach=False, fused=True)
 
 
+def prepare_for_training(
+    chunks: list[torch.nn.Module],
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    optim: OptimizerConfig,
+    peak_lr: float,
+    min_lr: float,
+) -> tuple[list[DistributedDataParallel], object]:
+    """Built model chunks -> ``(ddp_chunks, optimizer)`` ready for ``train_step``: each chunk
+    under DDP, the (distributed) AdamW over them, and the schedule hooks attached."""
+    ddp_chunks = wrap_ddp(chunks, parallel, precision)
+    optimizer = build_optimizer(ddp_chunks, optim, parallel, precision, peak_lr, min_lr)
+    attach_schedule_hooks(ddp_chunks, optimizer, parallel)
+    return ddp_chunks, optimizer
+
+
 def current_loss_scale(optimizer) -> float:
     """The loss scale the next step's gradients will carry: the dynamic fp16 scale, read from the
     device; 1.0 without reading anything where no scaler is used (bf16, fp32), so that asking for

@@ -18,12 +18,7 @@ from typing import Any
 from megatron_ext.models.builder import build_model
 from megatron_ext.models.config import ModelConfig, PrecisionConfig
 from megatron_ext.parallel.config import ParallelConfig
-from megatron_ext.training.optimizer import (
-    OptimizerConfig,
-    attach_schedule_hooks,
-    build_optimizer,
-    wrap_ddp,
-)
+from megatron_ext.training.optimizer import OptimizerConfig, prepare_for_training
 from megatron_ext.training.schedule_config import ScheduleConfig
 from megatron_ext.training.schedules import megatron_scheduler_kwargs
 
@@ -54,11 +49,9 @@ def build_trainable(
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     chunks = build_model(model_cfg, parallel, precision, device)
-    model = wrap_ddp(chunks, parallel, precision)
-    optimizer = build_optimizer(
-        model, optim, parallel, precision, peak_lr=schedule.lr, min_lr=schedule.min_lr
+    model, optimizer = prepare_for_training(
+        chunks, parallel, precision, optim, peak_lr=schedule.lr, min_lr=schedule.min_lr
     )
-    attach_schedule_hooks(model, optimizer, parallel)
     kwargs = megatron_scheduler_kwargs(schedule, weight_decay=optim.weight_decay)
     kwargs["override_opt_param_scheduler"] = override_scheduler
     return Trainable(model, optimizer, OptimizerParamScheduler(optimizer, **kwargs))

@@ -91,12 +91,12 @@ def _logits_step(captured: list, data_iterator, model):
 def _trainer(model_cfg, par, ctx, lr):
     from megatron_ext.models.builder import build_model
     from megatron_ext.models.config import PrecisionConfig
-    from megatron_ext.training.optimizer import OptimizerConfig, build_optimizer, wrap_ddp
+    from megatron_ext.training.optimizer import OptimizerConfig, prepare_for_training
 
     precision = PrecisionConfig()
     chunks = build_model(model_cfg, par, precision, ctx.device)
-    ddp = wrap_ddp(chunks, par, precision)
-    return chunks, ddp, build_optimizer(ddp, OptimizerConfig(), par, precision, lr, lr)
+    ddp, optimizer = prepare_for_training(chunks, par, precision, OptimizerConfig(), lr, lr)
+    return chunks, ddp, optimizer
 
 
 def _export_job(root: Path, inputs: dict, par, ctx) -> None:

@@ -123,12 +123,7 @@ def _monitored_step(ctx, root: Path, sequence_parallel: bool, distributed_optimi
     from megatron_ext.monitoring import MonitoringConfig, TrainingMonitor
     from megatron_ext.monitoring.norms import param_norm
     from megatron_ext.parallel.config import ParallelConfig
-    from megatron_ext.training.optimizer import (
-        OptimizerConfig,
-        attach_schedule_hooks,
-        build_optimizer,
-        wrap_ddp,
-    )
+    from megatron_ext.training.optimizer import OptimizerConfig, prepare_for_training
     from megatron_ext.training.step import train_step
 
     parallel = ParallelConfig(
@@ -142,9 +137,10 @@ def _monitored_step(ctx, root: Path, sequence_parallel: bool, distributed_optimi
     chunks = build_model(model_cfg, parallel, precision, ctx.device)
     state = dist_checkpointing.load(chunks[0].sharded_state_dict(), str(root / "ckpt"))
     chunks[0].load_state_dict(state)
-    ddp = wrap_ddp(chunks, parallel, precision)
-    optimizer = build_optimizer(ddp, OptimizerConfig(), parallel, precision, 1e-3, 1e-4)
-    attach_schedule_hooks(ddp, optimizer, parallel)  # the DP/TP gradient reduction of the schedule
+    # The schedule hooks do the DP/TP gradient reduction.
+    ddp, optimizer = prepare_for_training(
+        chunks, parallel, precision, OptimizerConfig(), 1e-3, 1e-4
+    )
     run_dir = root / f"run_sp{int(sequence_parallel)}"
     cfg = MonitoringConfig(activation_stats_interval=1, tensorboard=False)
     monitor = TrainingMonitor(cfg, run_dir, ctx, ddp, model_cfg)

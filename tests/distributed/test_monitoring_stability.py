@@ -79,12 +79,7 @@ def worker(rank: int, port: int, root: str) -> None:
     from megatron_ext.monitoring import MonitoringConfig, TrainingMonitor
     from megatron_ext.parallel.config import ParallelConfig
     from megatron_ext.parallel.init import destroy_parallel, initialize_parallel
-    from megatron_ext.training.optimizer import (
-        OptimizerConfig,
-        attach_schedule_hooks,
-        build_optimizer,
-        wrap_ddp,
-    )
+    from megatron_ext.training.optimizer import OptimizerConfig, prepare_for_training
     from megatron_ext.training.step import train_step
 
     parallel = ParallelConfig(device="cpu", use_distributed_optimizer=True)
@@ -92,9 +87,9 @@ def worker(rank: int, port: int, root: str) -> None:
     try:
         model_cfg, precision = ModelConfig(), PrecisionConfig()
         chunks = build_model(model_cfg, parallel, precision, ctx.device)
-        ddp = wrap_ddp(chunks, parallel, precision)
-        optimizer = build_optimizer(ddp, OptimizerConfig(), parallel, precision, 1e-3, 1e-4)
-        attach_schedule_hooks(ddp, optimizer, parallel)
+        ddp, optimizer = prepare_for_training(
+            chunks, parallel, precision, OptimizerConfig(), 1e-3, 1e-4
+        )
         cfg = MonitoringConfig(
             activation_stats_interval=2,
             tensorboard=True,

@@ -57,12 +57,7 @@ def _train(rank, tp, pp, vpp, sp, dtype, micro_batch, ckpt_dir, save_initial):
     from megatron_ext.data.batches import rank_sequence_range, split_micro_batches
     from megatron_ext.models.builder import build_model
     from megatron_ext.parallel.init import destroy_parallel, initialize_parallel
-    from megatron_ext.training.optimizer import (
-        OptimizerConfig,
-        attach_schedule_hooks,
-        build_optimizer,
-        wrap_ddp,
-    )
+    from megatron_ext.training.optimizer import OptimizerConfig, prepare_for_training
     from megatron_ext.training.step import train_step
 
     model_cfg, parallel_cfg, precision = _configs(tp, pp, vpp, sp, dtype)
@@ -82,9 +77,9 @@ def _train(rank, tp, pp, vpp, sp, dtype, micro_batch, ckpt_dir, save_initial):
             else:
                 for i, chunk in enumerate(chunks):
                     chunk.load_state_dict(loaded[f"model{i}"])
-        ddp = wrap_ddp(chunks, parallel_cfg, precision)
-        optimizer = build_optimizer(ddp, OptimizerConfig(), parallel_cfg, precision, 1e-3, 1e-4)
-        attach_schedule_hooks(ddp, optimizer, parallel_cfg)
+        ddp, optimizer = prepare_for_training(
+            chunks, parallel_cfg, precision, OptimizerConfig(), 1e-3, 1e-4
+        )
         first, count = rank_sequence_range(GLOBAL_BATCH, micro_batch, ctx.dp_rank, ctx.layout.dp)
         history = []
         for tokens in _global_batches():

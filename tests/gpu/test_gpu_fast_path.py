@@ -88,12 +88,7 @@ def _micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
 def _build(parallel, model_cfg, precision, state):
     """``(chunks, ddp, optimizer, snapshot of the initial weights)`` on the GPU."""
     from megatron_ext.models.builder import build_model
-    from megatron_ext.training.optimizer import (
-        OptimizerConfig,
-        attach_schedule_hooks,
-        build_optimizer,
-        wrap_ddp,
-    )
+    from megatron_ext.training.optimizer import OptimizerConfig, prepare_for_training
 
     chunks = build_model(model_cfg, parallel, precision, "cuda")
     if state is not None:
@@ -101,11 +96,9 @@ def _build(parallel, model_cfg, precision, state):
     snapshot = {
         k: v.detach().clone() for k, v in chunks[0].state_dict().items() if "extra" not in k
     }
-    ddp = wrap_ddp(chunks, parallel, precision)
-    optimizer = build_optimizer(
-        ddp, OptimizerConfig(), parallel, precision, peak_lr=1e-3, min_lr=1e-4
+    ddp, optimizer = prepare_for_training(
+        chunks, parallel, precision, OptimizerConfig(), peak_lr=1e-3, min_lr=1e-4
     )
-    attach_schedule_hooks(ddp, optimizer, parallel)
     return chunks, ddp, optimizer, snapshot
 
 

@@ -30,12 +30,7 @@ def _micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
 def _train(ctx, model_cfg, parallel, precision, state, compile_layers: bool) -> dict:
     from megatron_ext.models.builder import build_model
     from megatron_ext.models.fast_path import compile_transformer_layers
-    from megatron_ext.training.optimizer import (
-        OptimizerConfig,
-        attach_schedule_hooks,
-        build_optimizer,
-        wrap_ddp,
-    )
+    from megatron_ext.training.optimizer import OptimizerConfig, prepare_for_training
     from megatron_ext.training.step import train_step
 
     chunks = build_model(model_cfg, parallel, precision, "cpu")
@@ -44,11 +39,9 @@ def _train(ctx, model_cfg, parallel, precision, state, compile_layers: bool) -> 
     initial = {k: v.detach().clone() for k, v in chunks[0].state_dict().items() if "extra" not in k}
     if compile_layers:
         compile_transformer_layers(chunks, backend="aot_eager")
-    ddp = wrap_ddp(chunks, parallel, precision)
-    optimizer = build_optimizer(
-        ddp, OptimizerConfig(), parallel, precision, peak_lr=1e-3, min_lr=1e-4
+    ddp, optimizer = prepare_for_training(
+        chunks, parallel, precision, OptimizerConfig(), peak_lr=1e-3, min_lr=1e-4
     )
-    attach_schedule_hooks(ddp, optimizer, parallel)
     out = {"class": type(chunks[0]).__name__, "losses": [], "grad_norms": [], "state": initial}
     for step in range(2):
         result = train_step(
