@@ -111,8 +111,9 @@ def train_step(
     loss_value = mean_loss_value(loss_dicts, device, pp_group, is_last_stage)
     clock.backward_done()
     # The loss is read after the gradient norm: the host prepares the gradients and the norm
-    # (megatron-core's per-parameter Python) while the GPU still runs the backward, and the one
-    # read of the norm waits for both. Reading the loss first left the GPU idle meanwhile.
+    # (megatron-core's per-parameter Python) while the GPU still runs the backward; the norm's
+    # read then waits for the backward and the norm. Reading the loss first left the GPU idle
+    # while the host did that work.
     result = StepResult(None, None, True)
     found_inf = optimizer.prepare_grads()
     if not found_inf:
@@ -138,11 +139,11 @@ class _StepClock:
     the host's wall time of the step less it.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device | str) -> None:
         self._began = time.perf_counter()
         self._host_backward_s = 0.0
         self._events = None
-        if device.type == "cuda":
+        if torch.device(device).type == "cuda":
             self._events = (
                 torch.cuda.Event(enable_timing=True),
                 torch.cuda.Event(enable_timing=True),
