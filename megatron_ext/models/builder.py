@@ -107,7 +107,7 @@ def build_model(
     config = build_transformer_config(model, parallel, precision, device)
     backend = resolve_backend(model.transformer_impl, device)
     spec = get_layer_spec(backend, model.attention_backend)
-    fast_path = resolve_fast_path(model, backend, device)
+    fast_path = resolve_fast_path(model, backend, device, parallel.overlap_grad_reduce)
     if fast_path.wgrad_fusion and parallel.overlap_grad_reduce:
         raise ValueError(
             "model.wgrad_fusion=on leaves the fused weights without a gradient hook, which "

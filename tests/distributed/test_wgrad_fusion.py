@@ -134,3 +134,28 @@ def test_fused_training_matches_the_ddp_add(runs, phase, reference):
             torch.testing.assert_close(
                 ours["main_grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name
             )
+
+
+def refusal_worker(rank: int) -> str:
+    """The model builder's answer to the fusion forced on next to an overlapped gradient reduce."""
+    from megatron_ext.models.builder import build_model
+    from megatron_ext.models.config import ModelConfig, PrecisionConfig
+    from megatron_ext.parallel.config import ParallelConfig
+    from megatron_ext.parallel.init import destroy_parallel, initialize_parallel
+
+    parallel = ParallelConfig(device="cpu", overlap_grad_reduce=True)
+    model = ModelConfig(num_layers=1, seq_length=SEQ, vocab_size=VOCAB, wgrad_fusion="on")
+    initialize_parallel(parallel, seed=1)
+    try:
+        build_model(model, parallel, PrecisionConfig(), "cpu")
+        return "built"
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.timeout(300)
+def test_builder_refuses_forced_fusion_with_overlapped_reduce():
+    (answer,) = run_on_local_processes(refusal_worker, 1)
+    assert "overlap_grad_reduce" in answer and "gradient hook" in answer, answer

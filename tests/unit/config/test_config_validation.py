@@ -146,6 +146,15 @@ def test_rule_names_field_and_fix(rule):
     assert field in str(error)
 
 
+def test_wgrad_fusion_auto_accepts_overlapped_reduce():
+    cfg = load_config(
+        ExperimentConfig,
+        None,
+        BASE + ["--model.wgrad_fusion=auto", "--parallel.overlap_grad_reduce=true"],
+    )
+    validate_experiment(cfg, 8, check_files=False)
+
+
 def test_all_problems_reported_at_once():
     error = _errors(["--model.hidden_size=66", "--model.num_layers=5", "--optimizer.clip_grad=-1"])
     assert {"model.hidden_size", "model.num_layers", "optimizer.clip_grad"} <= set(error.fields())
