@@ -107,12 +107,7 @@ def build_model(
     config = build_transformer_config(model, parallel, precision, device)
     backend = resolve_backend(model.transformer_impl, device)
     spec = get_layer_spec(backend, model.attention_backend)
-    fast_path = resolve_fast_path(model, backend, device, parallel.overlap_grad_reduce)
-    if fast_path.wgrad_fusion and parallel.overlap_grad_reduce:
-        raise ValueError(
-            "model.wgrad_fusion=on leaves the fused weights without a gradient hook, which "
-            "parallel.overlap_grad_reduce waits for; set one of them off"
-        )
+    fast_path = resolve_fast_path(model, backend, device)
     model_class = ChunkedLossGPTModel if fast_path.fused_cross_entropy else GPTModel
     num_chunks = parallel.virtual_pipeline_model_parallel_size or 1
     vocab = model.padded_vocab_size(parallel.tensor_model_parallel_size)

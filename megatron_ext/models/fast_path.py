@@ -16,8 +16,8 @@ tiny CPU runs) and off with Transformer Engine (its own fused kernels are used t
 forces them anywhere, ``off`` disables them.
 
 A third part is opt-in (``model.wgrad_fusion: on``, or ``auto`` for on with the local backend on
-CUDA unless ``parallel.overlap_grad_reduce``): the weight-gradient GEMMs of the transformer layers
-accumulate straight into DDP's fp32 ``main_grad`` (``wgrad_fusion``).
+CUDA): the weight-gradient GEMMs of the transformer layers accumulate straight into DDP's fp32
+``main_grad`` (``wgrad_fusion``).
 """
 
 from __future__ import annotations
@@ -62,19 +62,14 @@ def _resolve(setting: str, default_on: bool, field: str) -> bool:
     raise ValueError(f"model.{field}={setting!r}: use auto, on or off")
 
 
-def resolve_fast_path(
-    model: ModelConfig, backend: str, device: str, overlap_grad_reduce: bool = False
-) -> FastPathPlan:
+def resolve_fast_path(model: ModelConfig, backend: str, device: str) -> FastPathPlan:
     """``auto`` means on for the local backend on CUDA, off otherwise. ``wgrad_fusion`` applies to
-    the local layers only (Transformer Engine fuses the weight-gradient accumulation itself), and
-    its ``auto`` is also off with ``overlap_grad_reduce``, whose buckets wait for the gradient
-    hooks that fused weights do not run."""
+    the local layers only (Transformer Engine fuses the weight-gradient accumulation itself)."""
     default_on = backend == "local" and device == "cuda"
-    wgrad_default = default_on and not overlap_grad_reduce
     return FastPathPlan(
         compile_layers=_resolve(model.compile_layers, default_on, "compile_layers"),
         fused_cross_entropy=_resolve(model.fused_cross_entropy, default_on, "fused_cross_entropy"),
-        wgrad_fusion=_resolve(model.wgrad_fusion, wgrad_default, "wgrad_fusion")
+        wgrad_fusion=_resolve(model.wgrad_fusion, default_on, "wgrad_fusion")
         and backend == "local",
     )
 

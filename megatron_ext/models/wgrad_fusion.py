@@ -11,9 +11,13 @@ Here the GEMM accumulates into ``main_grad`` itself: ``main_grad += grad_output^
 fp32 accumulation and no bf16 intermediate (cuBLAS through ``torch.addmm(..., out_dtype=float32)``
 on CUDA; an upcast ``addmm_`` elsewhere). It is a custom op that declares the mutation of
 ``main_grad``, and ``main_grad`` enters the autograd function as an input, so Dynamo and
-AOTAutograd trace the layer as one graph. The weight gets no ``.grad`` at all, so the DDP hook (and
-its add) does not run for it: fine when gradients are reduced after the backward, which is why
-``overlap_grad_reduce`` (whose buckets wait for every hook) is refused with it.
+AOTAutograd trace the layer as one graph.
+
+The DDP hook still has to run for the weight: with ``overlap_grad_reduce`` it is what marks the
+weight's bucket ready for its reduce. So, as megatron-core's own fusion does, the backward hands
+autograd an uninitialised placeholder gradient (an allocation, no kernel), and the caller sets
+``weight.grad_added_to_main_grad`` (which DDP resets every step) before the forward: the hook then
+skips its add, drops the placeholder and registers the weight as ready.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def _accumulate_wgrad_fake(main_grad: Tensor, grad_output: Tensor, inp: Tensor) 
 
 
 class _LinearIntoMainGrad(torch.autograd.Function):
-    """``input @ weight^T``; the backward returns the input gradient only."""
+    """``input @ weight^T``; the backward adds the weight gradient into ``main_grad`` and returns
+    the input gradient and a placeholder for the weight's."""
 
     @staticmethod
     def forward(ctx, inp: Tensor, weight: Tensor, main_grad: Tensor) -> Tensor:
@@ -85,9 +90,18 @@ class _LinearIntoMainGrad(torch.autograd.Function):
         inp, weight = ctx.saved_tensors
         grad_input = grad_output.matmul(weight)
         torch.ops.megatron_ext.accumulate_wgrad(ctx.main_grad, grad_output, inp)
-        return grad_input, None, None
+        # Not a gradient: it makes autograd run the weight's DDP hook, which (seeing
+        # grad_added_to_main_grad) drops it without reading it.
+        placeholder = torch.empty_like(weight)
+        return grad_input, placeholder, None
 
 
 def linear_into_main_grad(inp: Tensor, weight: Tensor) -> Tensor:
-    """``inp @ weight^T`` whose weight gradient is added to ``weight.main_grad`` in the GEMM."""
+    """``inp @ weight^T`` whose weight gradient is added to ``weight.main_grad`` in the GEMM.
+
+    ``weight`` must be a parameter of megatron-core's DDP (it owns ``main_grad`` and the hook that
+    drops the placeholder gradient) and must not be used elsewhere in the same backward: its
+    ``grad_added_to_main_grad`` is set here, so DDP's hook would skip any real gradient too.
+    """
+    weight.grad_added_to_main_grad = True
     return _LinearIntoMainGrad.apply(inp, weight, weight.main_grad)

@@ -102,15 +102,6 @@ def validate_experiment(
         "raise model.seq_length (RoPE has no learned positions) or lower schedule.seq_length",
     )
     problems.check(
-        cfg.model.wgrad_fusion != "on" or not par.overlap_grad_reduce,
-        "model.wgrad_fusion",
-        cfg.model.wgrad_fusion,
-        "leaves the fused weights without the gradient hook that parallel.overlap_grad_reduce "
-        "waits for",
-        "set model.wgrad_fusion=auto (off with overlap_grad_reduce) or off, or "
-        "parallel.overlap_grad_reduce=false",
-    )
-    problems.check(
         cfg.precision.fp8 == "none" or cfg.precision.dtype == "bf16",
         "precision.fp8",
         cfg.precision.fp8,

@@ -113,12 +113,6 @@ RULES = {
     "vocab_positive": (["--model.vocab_size=0"], 8, "model.vocab_size", "tokenizer"),
     "eod_inside_vocab": (["--data.eod_token_id=5000"], 8, "data.eod_token_id", "end-of-document"),
     "fp8_needs_bf16": (["--precision.fp8=e4m3"], 8, "precision.fp8", "precision.dtype=bf16"),
-    "wgrad_fusion_without_overlapped_reduce": (
-        ["--model.wgrad_fusion=on", "--parallel.overlap_grad_reduce=true"],
-        8,
-        "model.wgrad_fusion",
-        "overlap_grad_reduce=false",
-    ),
     "tokenizer_needs_path": (
         ["--tokenizer.tokenizer_type=SentencePieceTokenizer"],
         8,
@@ -144,15 +138,6 @@ def test_rule_names_field_and_fix(rule):
     assert matching, f"{field} not among {error.fields()}"
     assert any(fix in p.fix for p in matching), [p.fix for p in matching]
     assert field in str(error)
-
-
-def test_wgrad_fusion_auto_accepts_overlapped_reduce():
-    cfg = load_config(
-        ExperimentConfig,
-        None,
-        BASE + ["--model.wgrad_fusion=auto", "--parallel.overlap_grad_reduce=true"],
-    )
-    validate_experiment(cfg, 8, check_files=False)
 
 
 def test_all_problems_reported_at_once():

@@ -104,20 +104,19 @@ def test_resolve_fast_path(backend, device, compile_layers, fused, expected):
 
 
 @pytest.mark.parametrize(
-    "backend,device,setting,overlap,expected",
+    "backend,device,setting,expected",
     [
-        ("local", "cuda", "off", False, False),
-        ("local", "cuda", "on", False, True),
-        ("local", "cpu", "on", False, True),
-        ("transformer_engine", "cuda", "on", False, False),  # TE fuses the accumulation itself
-        ("local", "cuda", "auto", False, True),
-        ("local", "cuda", "auto", True, False),  # overlapped reduce waits for the hooks
-        ("local", "cpu", "auto", False, False),
-        ("transformer_engine", "cuda", "auto", False, False),
+        ("local", "cuda", "off", False),
+        ("local", "cuda", "on", True),
+        ("local", "cpu", "on", True),
+        ("transformer_engine", "cuda", "on", False),  # TE fuses the accumulation itself
+        ("local", "cuda", "auto", True),
+        ("local", "cpu", "auto", False),
+        ("transformer_engine", "cuda", "auto", False),
     ],
 )
-def test_wgrad_fusion_is_opt_in_and_local_only(backend, device, setting, overlap, expected):
-    plan = resolve_fast_path(ModelConfig(wgrad_fusion=setting), backend, device, overlap)
+def test_wgrad_fusion_is_opt_in_and_local_only(backend, device, setting, expected):
+    plan = resolve_fast_path(ModelConfig(wgrad_fusion=setting), backend, device)
     assert ModelConfig().wgrad_fusion == "off"
     assert plan.wgrad_fusion is expected
     assert ("weight gradients into main_grad" in plan.describe()) is expected
