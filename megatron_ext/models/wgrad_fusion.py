@@ -15,9 +15,9 @@ AOTAutograd trace the layer as one graph.
 
 The DDP hook still has to run for the weight: with ``overlap_grad_reduce`` it is what marks the
 weight's bucket ready for its reduce. So, as megatron-core's own fusion does, the backward hands
-autograd an uninitialised placeholder gradient (an allocation, no kernel), and the caller sets
-``weight.grad_added_to_main_grad`` (which DDP resets every step) before the forward: the hook then
-skips its add, drops the placeholder and registers the weight as ready.
+autograd an uninitialised placeholder gradient (an allocation, no kernel), and
+``linear_into_main_grad`` sets ``weight.grad_added_to_main_grad`` (which DDP resets every step) in
+the forward: the hook then skips its add, drops the placeholder and registers the weight as ready.
 """
 
 from __future__ import annotations

@@ -157,8 +157,8 @@ def current_loss_scale(optimizer) -> float:
     """The loss scale the next step's gradients will carry: the dynamic fp16 scale, read from the
     device; 1.0 without reading anything where no scaler is used (bf16, fp32), so that asking for
     it costs no host synchronisation every step."""
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    if all(getattr(part, "grad_scaler", None) is None for part in inner):
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if all(getattr(part, "grad_scaler", None) is None for part in parts):
         return 1.0
     return float(optimizer.get_loss_scale().item())
 
