@@ -4,7 +4,8 @@ Two spawned CPU processes form one tensor-parallel group (the vocabulary, and so
 cross-entropy's reductions, are split across them). On each, the plain model and the fast-path
 model (chunked cross-entropy, every layer under ``torch.compile`` with the ``aot_eager`` backend,
 which traces the same graphs without generating C++ kernels) start from the same weights and run
-two optimizer steps through megatron-core's DDP, distributed optimizer and schedules.
+two optimizer steps through megatron-core's DDP, distributed optimizer and schedules, then a
+forward-only evaluation under ``no_grad``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _train(ctx, model_cfg, parallel, precision, state, compile_layers: bool) -> 
     from megatron_ext.models.builder import build_model
     from megatron_ext.models.fast_path import compile_transformer_layers
     from megatron_ext.training.optimizer import OptimizerConfig, prepare_for_training
-    from megatron_ext.training.step import train_step
+    from megatron_ext.training.step import mean_loss, run_forward_backward, train_step
 
     chunks = build_model(model_cfg, parallel, precision, "cpu")
     if state is not None:
@@ -54,6 +55,11 @@ def _train(ctx, model_cfg, parallel, precision, state, compile_layers: bool) -> 
                 name: param.main_grad.detach().clone()
                 for name, param in ddp[0].module.named_parameters()
             }
+    with torch.no_grad():  # evaluation, as the training loop runs it
+        loss_dicts = run_forward_backward(
+            ddp, _micro_batches(2), SEQ, ctx.torch_device, forward_only=True
+        )
+        out["eval_loss"] = mean_loss(loss_dicts, ctx.torch_device, ctx.pp_group(), True)
     return out
 
 
@@ -121,6 +127,7 @@ def test_fast_path_losses_and_grad_norms_match_plain(runs):
         torch.testing.assert_close(fast["grad_norms"], plain["grad_norms"], rtol=1e-5, atol=1e-7)
         # The second step's loss depends on the first update: the updates agree too.
         assert plain["losses"][1] != plain["losses"][0]
+        assert fast["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
 
 
 @pytest.mark.timeout(300)
