@@ -34,7 +34,7 @@ def categorise(kernel_name: str) -> str:
     return "other"
 
 
-def summarise(times_us: dict[str, float], steps: int, top: int = 15) -> dict:
+def summarise(times_us: dict[str, float], steps: int, top: int = 40) -> dict:
     """Per-step milliseconds: total, by category (largest first), and the ``top`` kernels."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -50,7 +50,7 @@ def summarise(times_us: dict[str, float], steps: int, top: int = 15) -> dict:
             category: per_step(us)
             for category, us in sorted(by_category.items(), key=lambda item: -item[1])
         },
-        "top_kernels_ms": [[name[:120], per_step(us)] for name, us in ranked[:top]],
+        "top_kernels_ms": [[name[:200], per_step(us)] for name, us in ranked[:top]],
     }
 
 
