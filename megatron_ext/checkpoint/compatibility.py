@@ -6,6 +6,10 @@ change what is trained (``ALWAYS_ALLOWED``) or the user listed it in ``checkpoin
 (a field such as ``schedule.train_steps`` or a whole section such as ``data``). Allowed changes are
 logged; anything else (model shape, precision, data blend and paths, schedule length, batch or
 learning rate, seed, ...) raises one error naming every changed field.
+
+A checkpoint written by an earlier megatron_ext lacks the fields added since. Such a field at its
+default is accepted (and logged): a new field's default is what the code did before the field
+existed. Set to anything else, it is a change like any other.
 """
 
 from __future__ import annotations
@@ -28,10 +32,17 @@ ALWAYS_ALLOWED = (
     "data.num_workers",
     "data.prefetch_batches",
     "data.pin_memory",
+    "data.index_cache_dir",
+    "model.compile_layers",
+    "model.fused_cross_entropy",
+    "model.wgrad_fusion",
+    "optimizer.fused_adamw",
 )
 """What a resume may change freely: the layout is resharded on load; the rest decides where
-outputs go, what is logged or evaluated, how long this invocation runs and how batches are read
-ahead, never which tokens are trained on or how."""
+outputs go, what is logged or evaluated, how long this invocation runs, how batches are read ahead
+or where the data index is kept (the same arrays), and which kernels compute the same step (the
+fast path's switches and the fused AdamW update agree with the plain path to float rounding),
+never which tokens are trained on or how."""
 
 _MISSING = "<absent>"
 
@@ -63,6 +74,18 @@ def _covered(key: str, patterns: list[str] | tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in patterns)
 
 
+def added_at_default(changes: dict[str, tuple[Any, Any]], defaults: dict | None) -> set[str]:
+    """The changed fields the saved config lacks and the current one has at its default."""
+    if defaults is None:
+        return set()
+    flat_defaults = flatten_config(defaults)
+    return {
+        key
+        for key, (before, after) in changes.items()
+        if before == _MISSING and key in flat_defaults and flat_defaults[key] == after
+    }
+
+
 def check_config_change(
     saved: dict,
     current: dict,
@@ -70,18 +93,22 @@ def check_config_change(
     checkpoint: str,
     only_sections: tuple[str, ...] | None = None,
     log: bool = True,
+    defaults: dict | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Raise ConfigError (one problem per field) for refused changes; log and return the others.
 
     ``only_sections`` restricts the comparison (finetuning compares the ``model`` section only).
+    ``defaults``: the config of all defaults; a field the saved config lacks (added to megatron_ext
+    after the checkpoint was written) is accepted at its default.
     """
     changes = diff_configs(saved, current)
     if only_sections is not None:
         changes = {k: v for k, v in changes.items() if _covered(k, only_sections)}
+    added = added_at_default(changes, defaults)
     refused = {
         k: v
         for k, v in changes.items()
-        if not _covered(k, ALWAYS_ALLOWED) and not _covered(k, allow_changes)
+        if not _covered(k, ALWAYS_ALLOWED) and not _covered(k, allow_changes) and k not in added
     }
     if refused:
         names = ", ".join(refused)
@@ -99,6 +126,8 @@ def check_config_change(
         if log and not _covered(key, ("checkpoint", "monitoring", "run_dir")):
             if _covered(key, ("parallel",)):
                 reason = "layout change, resharded on load"
+            elif key in added:
+                reason = "a field added after this checkpoint was written, at its default"
             elif _covered(key, ALWAYS_ALLOWED):
                 reason = "does not change what is trained"
             else:

@@ -3,7 +3,8 @@
 The loop calls exactly two functions, on every rank::
 
     run_state = load_checkpoint(cfg.checkpoint, run_dir, model_chunks, optimizer, scheduler, ctx,
-                                to_dict(cfg))           # None: nothing to resume, start at step 0
+                                to_dict(cfg), to_dict(ExperimentConfig()))
+    # None: nothing to resume, start at step 0
     ...
     save_checkpoint(cfg.checkpoint, run_dir, step, model_chunks, optimizer, scheduler,
                     {"progress": ...}, to_dict(cfg), ctx, background)
@@ -167,8 +168,12 @@ def load_checkpoint(
     opt_param_scheduler: Any,
     ctx: ParallelContext,
     current_config_dict: dict,
+    default_config_dict: dict | None = None,
 ) -> dict | None:
     """Restore the run from its checkpoint on all ranks; returns the saved run state.
+
+    ``default_config_dict`` (the config of all defaults) lets a checkpoint of an earlier
+    megatron_ext resume: fields added since are accepted at their defaults.
 
     Returns None when there is nothing to resume (no checkpoint yet, or ``finetune``, which loads
     only the weights). Raises ``CheckpointError`` for a missing or corrupt checkpoint (naming the
@@ -191,6 +196,7 @@ def load_checkpoint(
         path,
         only_sections=("model",) if cfg.finetune else None,
         log=ctx.rank == 0,
+        defaults=default_config_dict,
     )
     same_layout = found["meta"]["layout"] == _layout_dict(ctx)
     restore_rng = same_layout and not cfg.finetune

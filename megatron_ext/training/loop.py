@@ -107,7 +107,14 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
     )
     ddp_chunks, optimizer, scheduler = trainable.model, trainable.optimizer, trainable.scheduler
     run_state = load_checkpoint(
-        cfg.checkpoint, run_dir, ddp_chunks, optimizer, scheduler, ctx, to_dict(cfg)
+        cfg.checkpoint,
+        run_dir,
+        ddp_chunks,
+        optimizer,
+        scheduler,
+        ctx,
+        to_dict(cfg),
+        default_config_dict=to_dict(type(cfg)()),
     )
     progress = TrainProgress()
     if run_state is not None:

@@ -4,7 +4,10 @@ Run A trains 30 steps with a checkpoint every 10. Run B is the same command, kil
 at step 24 and started again: it resumes from step 20, and its losses and gradient norms from step
 21 on equal A's bit for bit. Run C gets SIGTERM during training: it saves at the step it is on,
 exits 0, and the next start continues from there to the same numbers as A. Run D is B with
-checkpoints written in the background (``checkpoint.async_save``).
+checkpoints written in the background (``checkpoint.async_save``). Run E stops at step 10 and its
+checkpoint's config is edited to look written by an earlier megatron_ext, without two fields:
+the resume is refused while the run sets one of them to a non-default value, and continues to
+A's numbers once only a field at its default is missing.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
@@ -195,3 +199,34 @@ def test_async_checkpoint_exact_resume_after_sigkill(reference):
     assert _latest(run_d) == f"iter_{TRAIN_STEPS:07d}"
     saved = sorted(p.name for p in (run_d / "checkpoints").iterdir() if p.is_dir())
     assert saved == ["iter_0000020", "iter_0000030"]
+
+
+@pytest.mark.timeout(900)
+def test_checkpoint_of_an_earlier_version_resumes_with_added_fields_at_their_defaults(reference):
+    root, data, expected = reference
+    run_e = root / "E"
+    _run_to_end(run_e, data, ("--training.exit_after_steps=10",))
+    assert _latest(run_e) == "iter_0000010"
+    config_file = run_e / "checkpoints" / "iter_0000010" / "config.yaml"
+    saved = yaml.safe_load(config_file.read_text())
+    # As if both fields were added after the checkpoint was written: the run keeps adam_eps at its
+    # default and sets lr_warmup_steps (to 5, the default is 20).
+    del saved["optimizer"]["adam_eps"]
+    warmup = saved["schedule"].pop("lr_warmup_steps")
+    config_file.write_text(yaml.safe_dump(saved))
+
+    proc = _start(run_e, data)
+    assert proc.wait(timeout=300) != 0
+    log = _log(run_e)
+    assert "schedule.lr_warmup_steps=5: differs from '<absent>'" in log, log
+    assert "optimizer.adam_eps=" not in log, log
+
+    saved["schedule"]["lr_warmup_steps"] = warmup
+    config_file.write_text(yaml.safe_dump(saved))
+    _run_to_end(run_e, data)
+    full_log = run_e.with_suffix(".log").read_text()
+    assert "optimizer.adam_eps: '<absent>' -> 1e-08 (a field added after" in full_log
+    resumed = _metrics(run_e)
+    for step in range(11, TRAIN_STEPS + 1):
+        assert resumed[step]["loss"] == expected[step]["loss"], step
+        assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step

@@ -74,6 +74,42 @@ def test_new_or_removed_fields_count_as_changes():
     assert sorted(info.value.fields()) == ["model.num_query_groups", "schedule.lr"]
 
 
+def test_fields_added_since_the_checkpoint_pass_at_their_default_only(caplog):
+    defaults = _changed(model__num_layers=2, schedule__train_steps=10)
+    defaults["model"]["qk_norm"] = False
+    defaults["schedule"]["warmup"] = 20
+    current = _changed()
+    current["model"]["qk_norm"] = False  # added since, at its default
+    current["schedule"]["warmup"] = 5  # added since, set by this run
+    with pytest.raises(ConfigError) as info:
+        check_config_change(SAVED, current, [], "x", defaults=defaults)
+    assert info.value.fields() == ["schedule.warmup"]
+
+    current["schedule"]["warmup"] = 20
+    with caplog.at_level(logging.WARNING):
+        changes = check_config_change(SAVED, current, [], "x", defaults=defaults)
+    assert set(changes) == {"model.qk_norm", "schedule.warmup"}
+    assert "model.qk_norm: '<absent>' -> False (a field added after" in caplog.text
+    # A field removed since is still a change, and an existing field is compared as before.
+    del current["schedule"]["lr"]
+    current["model"]["num_layers"] = 2  # the default, but the checkpoint says 4
+    with pytest.raises(ConfigError) as info:
+        check_config_change(SAVED, current, [], "x", defaults=defaults)
+    assert sorted(info.value.fields()) == ["model.num_layers", "schedule.lr"]
+
+
+def test_kernel_choices_and_the_index_cache_may_change():
+    saved = _changed()
+    saved["model"].update(compile_layers="auto", fused_cross_entropy="auto", wgrad_fusion="off")
+    saved["optimizer"] = {"fused_adamw": True}
+    saved["data"]["index_cache_dir"] = None
+    current = copy.deepcopy(saved)
+    current["model"].update(compile_layers="off", fused_cross_entropy="off", wgrad_fusion="on")
+    current["optimizer"]["fused_adamw"] = False
+    current["data"]["index_cache_dir"] = "/cache"
+    assert len(check_config_change(saved, current, [], "x")) == 5
+
+
 def test_layout_and_output_changes_are_always_allowed(caplog):
     current = _changed(
         parallel__tensor_model_parallel_size=1,
