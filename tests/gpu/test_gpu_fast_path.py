@@ -4,7 +4,8 @@ Run by ``tests/gpu/run_gpu_checks.sh``; skipped without CUDA. Checks, on the GPU
 (Inductor-generated Triton, SDPA flash attention, bf16 GEMMs):
 
 * the chunked cross-entropy at the recipe's 65,536 vocabulary against ``F.cross_entropy`` of the
-  fp32 logits (loss, gradient) and that it allocates less than one fp32 copy of the logits;
+  fp32 logits (loss, gradient) and that it allocates less than one fp32 copy of the logits; with
+  ``overwrite_logits`` its backward writes the same gradient into the logits' memory;
 * a small megatron_ext model trained three steps with the fast path (Inductor-compiled layers,
   chunked loss) against the plain local path from the same weights, in fp32 (tight) and bf16,
   and with no ``torch.compile`` graph break on the way (each layer one graph).
@@ -66,6 +67,43 @@ def test_chunked_cross_entropy_matches_fp32_reference_at_65536_vocab():
     assert forward_extra < 0.3 * fp32_copy, f"forward: {forward_extra / 2**30:.2f} GiB extra"
     # With the backward: the bf16 gradient (half an fp32 copy; x's logits must survive here).
     assert total_extra < 0.8 * fp32_copy, f"forward+backward: {total_extra / 2**30:.2f} GiB extra"
+
+
+def test_chunked_cross_entropy_writes_the_gradient_over_the_logits_in_place():
+    from megatron_ext.models.fused_loss import chunked_cross_entropy
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows, vocab = 4096 + 37, 65536
+    logits = (2.0 * torch.randn(rows, vocab, device="cuda", generator=gen)).to(torch.bfloat16)
+    target = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
+    weights = torch.rand(rows, device="cuda", generator=gen) / rows
+
+    ref_x = logits.clone().requires_grad_(True)
+    (chunked_cross_entropy(ref_x, target) * weights).sum().backward()
+    ref_grad = ref_x.grad
+    del ref_x
+
+    x = logits.clone().requires_grad_(True)
+    y = x.clone()  # a model's intermediate logits
+    at_hook = {}
+
+    def record(grad: torch.Tensor) -> None:  # runs when the loss's backward has made y's gradient
+        at_hook["ptr"] = grad.data_ptr()
+        at_hook["peak"] = torch.cuda.max_memory_allocated()
+
+    y.register_hook(record)
+    loss = chunked_cross_entropy(y, target, overwrite_logits=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    (loss * weights).sum().backward()
+
+    assert at_hook["ptr"] == y.data_ptr()
+    torch.testing.assert_close(x.grad, ref_grad, rtol=0, atol=0)
+    # The compiled kernel stores into the logits: no second [rows, V] tensor (half an fp32 copy).
+    loss_backward_extra = at_hook["peak"] - before
+    fp32_copy = rows * vocab * 4
+    assert loss_backward_extra < 0.3 * fp32_copy, f"{loss_backward_extra / 2**30:.2f} GiB extra"
 
 
 @pytest.fixture(scope="module")
