@@ -54,12 +54,17 @@ def test_bad_shape_is_a_clear_error(bench):
         bench.parse_shape("4096")
 
 
+def _order(bench, argv: list[str]) -> list[tuple[str, str]]:
+    """The (variant, shape) jobs the benchmark plans for ``argv``, in order."""
+    args = bench.build_parser().parse_args(argv)
+    return [(job["variant"], job["shape"]) for job in bench.plan_jobs(args)]
+
+
 def test_attributions_run_shape_by_shape_after_the_comparison(bench):
     variants = "megatron_ext_plain,megatron_ext_split_layers,hf_eager,megatron_ext"
-    args = bench.build_parser().parse_args(
-        ["--variants", variants, "--shapes", "4096x2,8192x1", "--memory-config", "x.yaml"]
+    order = _order(
+        bench, ["--variants", variants, "--shapes", "4096x2,8192x1", "--memory-config", "x.yaml"]
     )
-    order = [(job["variant"], job["shape"]) for job in bench.plan_jobs(args)]
     assert order == [
         ("hf_eager", "4096x2"),
         ("hf_eager", "8192x1"),
@@ -74,8 +79,7 @@ def test_attributions_run_shape_by_shape_after_the_comparison(bench):
 
 
 def test_default_plan_measures_the_default_candidate_at_every_shape_before_attributions(bench):
-    args = bench.build_parser().parse_args(["--shapes", "4096x2,8192x1"])
-    order = [(job["variant"], job["shape"]) for job in bench.plan_jobs(args)]
+    order = _order(bench, ["--shapes", "4096x2,8192x1"])
     comparison = {"hf_eager", "hf_liger", "hf_compile", "megatron_ext", "megatron_ext_wgrad_fusion"}
     assert set(order[: 2 * len(comparison)]) == {
         (variant, shape) for variant in comparison for shape in ("4096x2", "8192x1")
@@ -84,10 +88,10 @@ def test_default_plan_measures_the_default_candidate_at_every_shape_before_attri
 
 
 def test_jobs_run_core_variants_first_in_the_given_order(bench):
-    args = bench.build_parser().parse_args(
-        ["--variants", "megatron_ext_plain,megatron_ext,hf_eager", "--shapes", "4096x2,8192x1"]
+    order = _order(
+        bench,
+        ["--variants", "megatron_ext_plain,megatron_ext,hf_eager", "--shapes", "4096x2,8192x1"],
     )
-    order = [(job["variant"], job["shape"]) for job in bench.plan_jobs(args)]
     assert order == [
         ("megatron_ext", "4096x2"),
         ("megatron_ext", "8192x1"),
