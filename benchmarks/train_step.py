@@ -658,6 +658,31 @@ def compute_ratios(results: list[dict]) -> dict:
     return ratios
 
 
+TARGET_RATIO = 1.25
+"""The goal without Transformer Engine: this many times the best Hugging Face variant's tokens/s
+at every shape, in one run."""
+DEFAULT_CANDIDATES = ("megatron_ext", "megatron_ext_wgrad_fusion")
+"""The default build and the candidate for the default, whose ratios the target is read from."""
+
+
+def target_lines(ratios: dict, target: float = TARGET_RATIO) -> list[str]:
+    """One line per measured candidate: its ratio at every shape of the run, and whether it
+    reaches ``target`` at all of them (a shape where it did not run counts as missed)."""
+    lines = []
+    for variant in DEFAULT_CANDIDATES:
+        per_shape = {shape: r["ratio_to_best_hf"].get(variant) for shape, r in ratios.items()}
+        if all(value is None for value in per_shape.values()):
+            continue
+        reached = all(value is not None and value >= target for value in per_shape.values())
+        shapes = ", ".join(
+            f"{shape} {'not measured' if value is None else f'{value:.3f}x'}"
+            for shape, value in per_shape.items()
+        )
+        verdict = "reaches" if reached else "misses"
+        lines.append(f"{variant}: {shapes}: {verdict} {target}x at every shape")
+    return lines
+
+
 def _format_line(r: dict) -> str:
     head = f"{r['variant']:<26} {r['shape']:>7}"
     if r["status"] != "ok":
@@ -703,6 +728,10 @@ def to_markdown(report: dict) -> str:
                 f"| {r['variant']} | {r['shape']} | | | | | | | | {r['status']}: "
                 f"{r.get('error', '')[:160].replace('|', '/')} |"
             )
+    targets = target_lines(report["ratios"])
+    if targets:
+        lines += ["", "Against the target (the best Hugging Face variant of each shape):", ""]
+        lines += [f"- {line}" for line in targets]
     memory = [
         r for r in report["results"] if "peak_allocated_gib" in r and "dry_run_estimate_gib" in r
     ]
@@ -814,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name} {value:.3f}x" for name, value in ratio["ratio_to_best_hf"].items()
         )
         print(f"{shape}: best HF = {ratio['best_hf']}; ratios: {others}")
+    for line in target_lines(report["ratios"]):
+        print(line)
     print(f"wrote {out_dir / 'train_step.json'} and {out_dir / 'train_step.md'}")
     return 0
 

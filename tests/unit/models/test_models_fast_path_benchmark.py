@@ -150,6 +150,50 @@ def test_tiny_cpu_run_end_to_end(tmp_path):
     assert "Top kernels of megatron_ext_foreach_adamw at 32x2" in markdown
 
 
+def test_target_is_read_at_every_shape_for_the_default_and_its_candidate(bench):
+    def ok(variant: str, shape: str, tokens_per_s: float) -> dict:
+        measured = dict(tflops_megatron=1.0, mfu_megatron=0.1, mfu_6n=0.1, first_loss=11.0)
+        return {
+            "variant": variant,
+            "shape": shape,
+            "status": "ok",
+            "tokens_per_s": tokens_per_s,
+            **measured,
+            "last_loss": 10.0,
+        }
+
+    results = [
+        ok("hf_compile", "4096x2", 100.0),
+        ok("hf_liger", "4096x2", 90.0),
+        ok("megatron_ext", "4096x2", 124.0),
+        ok("megatron_ext_wgrad_fusion", "4096x2", 126.0),
+        ok("hf_liger", "8192x1", 80.0),
+        ok("megatron_ext", "8192x1", 104.0),
+        {"variant": "megatron_ext_wgrad_fusion", "shape": "8192x1", "status": "oom"},
+        ok("megatron_ext_plain", "8192x1", 200.0),  # an attribution: not a candidate
+    ]
+    lines = bench.target_lines(bench.compute_ratios(results))
+    assert lines == [
+        "megatron_ext: 4096x2 1.240x, 8192x1 1.300x: misses 1.25x at every shape",
+        "megatron_ext_wgrad_fusion: 4096x2 1.260x, 8192x1 not measured: misses 1.25x at every "
+        "shape",
+    ]
+    results[-2] = ok("megatron_ext_wgrad_fusion", "8192x1", 100.0)
+    ratios = bench.compute_ratios(results)
+    reached = (
+        "megatron_ext_wgrad_fusion: 4096x2 1.260x, 8192x1 1.250x: reaches 1.25x at every shape"
+    )
+    assert bench.target_lines(ratios)[1] == reached
+    versions = dict.fromkeys(
+        ("torch", "triton", "transformers", "megatron-core", "liger-kernel", "transformer_engine"),
+        "x",
+    )
+    settings = dict(steps=10, warmup=3, dtype="bf16", fp8="none", peak_tflops=989.0)
+    report = dict(date_utc="now", card="H100", command="c", versions=versions, settings=settings)
+    markdown = bench.to_markdown({**report, "results": results, "ratios": ratios})
+    assert f"- {reached}" in markdown
+
+
 def test_explicit_jobs_run_in_the_given_order(bench):
     argv = ["--jobs", "hf_eager@8192x1, megatron_ext@4096x2,recipe_memory"]
     args = bench.build_parser().parse_args([*argv, "--memory-config", "x.yaml"])
