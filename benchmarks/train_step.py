@@ -10,8 +10,9 @@ are the comparison, run first at every shape; the rest are attributions, run sha
 
   megatron_ext        the default build: local layers + SDPA; without Transformer Engine on a GPU
                       the fast path (each layer under torch.compile, chunked cross-entropy),
-                      torch's fused AdamW kernel (optimizer.fused_adamw) with the gradient clip
-                      inside it, and the _foreach gradient norm (training/multi_tensor.py)
+                      AdamW in one compiled kernel per weight that also writes the model's bf16
+                      weight (optimizer.fused_param_copy) with the gradient clip inside it, and
+                      the _foreach gradient norm (training/multi_tensor.py)
   hf_eager            transformers LlamaForCausalLM, SDPA attention, bf16 autocast, fused AdamW
   hf_liger            the same after Liger Kernel's apply_liger_kernel_to_llama (when importable)
   hf_compile          the same as hf_eager under torch.compile
@@ -26,6 +27,9 @@ are the comparison, run first at every shape; the rest are attributions, run sha
   megatron_ext_loss_read_first  megatron_ext with the host waiting for the backward before the
                       gradients are prepared, as when the step read its loss first (attribution;
                       on request: the predicted effect is below the run-to-run spread)
+  megatron_ext_separate_param_copy  megatron_ext with torch's fused AdamW update followed by
+                      megatron-core's copy of the fp32 weights into the model's bf16 weights
+                      (optimizer.fused_param_copy=off; attribution of training/fused_param_copy.py)
   megatron_ext_plain  the fast path off (compile_layers=off, fused_cross_entropy=off)
   megatron_ext_foreach_adamw  megatron_ext with torch's default (multi-tensor foreach) AdamW
                       update, as megatron-core builds it without TE/apex (attribution)
@@ -145,6 +149,7 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
         {"compile_layers": "off", "fused_cross_entropy": "off"},
         25.0,
     ),
+    "megatron_ext_separate_param_copy": (1, "megatron_ext", {"fused_param_copy": "off"}, 40.0),
     "megatron_ext_foreach_adamw": (1, "megatron_ext", {"fused_adamw": False}, 40.0),
     "megatron_ext_cudnn_attention": (2, "megatron_ext", {"sdpa_prefer": "cudnn"}, 40.0),
     "megatron_ext_compile_only": (
@@ -163,6 +168,7 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
 # Variant settings that are not ModelConfig fields.
 STEP_SETTINGS = (
     "fused_adamw",
+    "fused_param_copy",
     "sdpa_prefer",
     "megatron_grad_ops",
     "stock_row_linear",
@@ -172,8 +178,8 @@ STEP_SETTINGS = (
 # later (24 against 7.5 ms per step, 2026-11-27), and hf_eager is never the fastest variant.
 DEFAULT_VARIANTS = (
     "hf_eager,megatron_ext,hf_liger,hf_compile,megatron_ext_wgrad_fusion,"
-    "megatron_ext_split_layers,megatron_ext_megatron_grad_ops,megatron_ext_plain,"
-    "megatron_ext_foreach_adamw"
+    "megatron_ext_split_layers,megatron_ext_megatron_grad_ops,megatron_ext_separate_param_copy,"
+    "megatron_ext_plain,megatron_ext_foreach_adamw"
 )
 
 
@@ -289,7 +295,10 @@ def _megatron_step_fn(
         chunks,
         parallel,
         precision,
-        OptimizerConfig(fused_adamw=settings.get("fused_adamw", True)),
+        OptimizerConfig(
+            fused_adamw=settings.get("fused_adamw", True),
+            fused_param_copy=settings.get("fused_param_copy", "auto"),
+        ),
         peak_lr=1e-4,
         min_lr=1e-5,
     )

@@ -37,12 +37,13 @@ ALWAYS_ALLOWED = (
     "model.fused_cross_entropy",
     "model.wgrad_fusion",
     "optimizer.fused_adamw",
+    "optimizer.fused_param_copy",
 )
 """What a resume may change freely: the layout is resharded on load; the rest decides where
 outputs go, what is logged or evaluated, how long this invocation runs, how batches are read ahead
 or where the data index is kept (the same arrays), and which kernels compute the same step (the
-fast path's switches and the fused AdamW update agree with the plain path to float rounding),
-never which tokens are trained on or how."""
+fast path's switches, the fused AdamW update and its copy into the model's weights agree with the
+plain path to float rounding), never which tokens are trained on or how."""
 
 _MISSING = "<absent>"
 

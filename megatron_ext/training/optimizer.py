@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -13,7 +14,7 @@ from megatron_ext.checkpoint.manager import torch_adams
 from megatron_ext.config.errors import ProblemCollector
 from megatron_ext.models.config import TORCH_DTYPES, PrecisionConfig
 from megatron_ext.parallel.config import ParallelConfig
-from megatron_ext.training import multi_tensor
+from megatron_ext.training import fused_param_copy, multi_tensor
 
 
 @dataclass(kw_only=True)
@@ -36,6 +37,12 @@ class OptimizerConfig:
     either, megatron-core uses their fused Adam and this field has no effect). False leaves the
     choice to torch (the multi-tensor foreach update on GPU). The choice is the run's, not the
     checkpoint's: a resume keeps the configured kernel whatever the saving run used."""
+    fused_param_copy: Literal["auto", "on", "off"] = "auto"
+    """Where megatron-core falls back to torch's AdamW with mixed precision: ``on`` makes the
+    update also write the model's bf16 copy of each weight, in the same kernel (compiled by
+    Inductor on CUDA; eager elsewhere), instead of megatron-core copying all fp32 weights again
+    after the update. ``auto``: on with ``fused_adamw`` on CUDA. ``off``: torch's update and
+    megatron-core's copy. The optimizer state is the same either way (a resume may switch)."""
 
     def validate(self, problems: ProblemCollector) -> None:
         for name in ("adam_beta1", "adam_beta2"):
@@ -121,7 +128,18 @@ def build_optimizer(
     optimizer = get_megatron_optimizer(config, ddp_chunks)
     if optim.fused_adamw:
         _use_fused_torch_adam(optimizer)
+    on_cuda = any(p.is_cuda for chunk in ddp_chunks for p in chunk.parameters())
+    if _copy_in_update(optim, on_cuda):
+        fused_param_copy.install(optimizer, compiled=on_cuda)
     return optimizer
+
+
+def _copy_in_update(optim: OptimizerConfig, on_cuda: bool) -> bool:
+    """``optimizer.fused_param_copy`` resolved: ``auto`` is on with the fused AdamW on CUDA."""
+    setting = optim.fused_param_copy
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"optimizer.fused_param_copy={setting!r}: use auto, on or off")
+    return setting == "on" or (setting == "auto" and optim.fused_adamw and on_cuda)
 
 
 def _use_fused_torch_adam(optimizer) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_ext.training.fused_param_copy import AdamWWritingModelParams
+
 
 @dataclass
 class StepResult:
@@ -204,12 +206,13 @@ def _clip_to_total_norm(
 
 
 def fuses_grad_scale(adam) -> bool:
-    """Whether ``adam`` is a torch Adam/AdamW whose every group runs the fused kernel (the only
-    update that takes a ``grad_scale``; the foreach and per-tensor updates reject one)."""
-    return (
-        isinstance(adam, torch.optim.Adam | torch.optim.AdamW)
-        and not hasattr(adam, "grad_scale")
-        and all(group.get("fused") for group in adam.param_groups)
+    """Whether ``adam`` is a torch Adam/AdamW whose every group runs the fused kernel, or the
+    update that also writes the model's weights (``fused_param_copy``): the updates that take a
+    ``grad_scale`` (torch's foreach and per-tensor updates reject one)."""
+    if not isinstance(adam, torch.optim.Adam | torch.optim.AdamW) or hasattr(adam, "grad_scale"):
+        return False
+    return isinstance(adam, AdamWWritingModelParams) or all(
+        group.get("fused") for group in adam.param_groups
     )
 
 
