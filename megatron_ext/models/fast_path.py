@@ -54,12 +54,14 @@ class FastPathPlan:
         return ", ".join(parts) if parts else "off"
 
 
-def _resolve(setting: str, default_on: bool, field: str) -> bool:
+def resolve_switch(setting: str, default_on: bool, name: str) -> bool:
+    """An ``auto``/``on``/``off`` setting (the config field ``name``) as a bool; ``auto`` is
+    ``default_on``."""
     if setting == "auto":
         return default_on
     if setting in ("on", "off"):
         return setting == "on"
-    raise ValueError(f"model.{field}={setting!r}: use auto, on or off")
+    raise ValueError(f"{name}={setting!r}: use auto, on or off")
 
 
 def resolve_fast_path(model: ModelConfig, backend: str, device: str) -> FastPathPlan:
@@ -67,9 +69,11 @@ def resolve_fast_path(model: ModelConfig, backend: str, device: str) -> FastPath
     the local layers only (Transformer Engine fuses the weight-gradient accumulation itself)."""
     default_on = backend == "local" and device == "cuda"
     return FastPathPlan(
-        compile_layers=_resolve(model.compile_layers, default_on, "compile_layers"),
-        fused_cross_entropy=_resolve(model.fused_cross_entropy, default_on, "fused_cross_entropy"),
-        wgrad_fusion=_resolve(model.wgrad_fusion, default_on, "wgrad_fusion")
+        compile_layers=resolve_switch(model.compile_layers, default_on, "model.compile_layers"),
+        fused_cross_entropy=resolve_switch(
+            model.fused_cross_entropy, default_on, "model.fused_cross_entropy"
+        ),
+        wgrad_fusion=resolve_switch(model.wgrad_fusion, default_on, "model.wgrad_fusion")
         and backend == "local",
     )
 

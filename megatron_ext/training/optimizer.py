@@ -13,6 +13,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron_ext.checkpoint.manager import torch_adams
 from megatron_ext.config.errors import ProblemCollector
 from megatron_ext.models.config import TORCH_DTYPES, PrecisionConfig
+from megatron_ext.models.fast_path import resolve_switch
 from megatron_ext.parallel.config import ParallelConfig
 from megatron_ext.training import fused_param_copy, multi_tensor
 
@@ -136,10 +137,9 @@ def build_optimizer(
 
 def _copy_in_update(optim: OptimizerConfig, on_cuda: bool) -> bool:
     """``optimizer.fused_param_copy`` resolved: ``auto`` is on with the fused AdamW on CUDA."""
-    setting = optim.fused_param_copy
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"optimizer.fused_param_copy={setting!r}: use auto, on or off")
-    return setting == "on" or (setting == "auto" and optim.fused_adamw and on_cuda)
+    return resolve_switch(
+        optim.fused_param_copy, optim.fused_adamw and on_cuda, "optimizer.fused_param_copy"
+    )
 
 
 def _use_fused_torch_adam(optimizer) -> None:
