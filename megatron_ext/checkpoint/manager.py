@@ -92,6 +92,7 @@ def save_checkpoint(
         return str(temp)
 
     temp = Path(_on_rank0(ctx, prepare))
+    finish_param_gather(model_chunks)
     state = _sharded_state(
         model_chunks,
         optimizer,
@@ -254,6 +255,26 @@ def load_checkpoint(
 
 
 # ---- what goes into dist_checkpointing ------------------------------------------------------
+def finish_param_gather(model_chunks: list[torch.nn.Module]) -> None:
+    """Bring the model's weights up to date with the distributed optimizer's last update.
+
+    With ``parallel.overlap_param_gather`` megatron-core leaves the all-gather of the updated
+    weight shards to the next forward pass (its forward pre-hooks), so between an update and that
+    forward each rank's model still holds the other ranks' shards from the step before. A
+    checkpoint stores the model's weights (the Hugging Face conversion reads them, and a resume
+    starts from them), so the save gathers them first, synchronously. The next forward's hooks
+    then find the gather done; the next backward's gradient sync re-arms them as usual.
+    """
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if (
+            ddp_config is not None
+            and ddp_config.use_distributed_optimizer
+            and ddp_config.overlap_param_gather
+        ):
+            chunk.start_param_sync(force_sync=True)
+
+
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """The model under megatron-core's DDP wrapper (whose own keys would gain ``module.``)."""
     from megatron.core.distributed.data_parallel_base import _BaseDataParallel

@@ -115,7 +115,8 @@ def test_fp16_overflow_skips_step_halves_scale_and_continues(token_dataset, tmp_
 
 def test_recipe_at_reduced_size_runs_with_every_feature(token_dataset, tmp_path):
     """recipe_1b.yaml with a tiny model on 4 CPU processes: TP2 x DP2, sequence parallel, bf16,
-    distributed optimizer, curriculum, warmup + cosine, evaluation, checkpoint, monitoring."""
+    distributed optimizer with the overlapped gradient reduce and weight all-gather, curriculum,
+    warmup + cosine, evaluation, checkpoint, monitoring."""
     run_dir = tmp_path / "recipe"
     extra = [
         "--model.num_layers=2",
@@ -125,8 +126,6 @@ def test_recipe_at_reduced_size_runs_with_every_feature(token_dataset, tmp_path)
         "--model.num_query_groups=2",
         "--parallel.tensor_model_parallel_size=2",
         "--parallel.sequence_parallel=true",
-        "--parallel.overlap_grad_reduce=false",
-        "--parallel.overlap_param_gather=false",
         "--schedule.global_batch_size=8",
         "--schedule.micro_batch_size=2",
         "--schedule.train_steps=4",
