@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 class SmallTrainer:
     """Model + DDP + optimizer + LR scheduler on this process's parallel group."""
@@ -29,6 +31,25 @@ class SmallTrainer:
         self.model, self.optimizer = trainable.model, trainable.optimizer
         self.scheduler = trainable.scheduler
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
+
+    def seeded_micro_batches(
+        self,
+        seed: int,
+        global_batch: int,
+        seq_length: int,
+        vocab: int,
+        micro_batch: int,
+        low: int = 0,
+    ) -> list[dict]:
+        """This data-parallel rank's micro-batches of a global batch of random tokens in
+        ``[low, vocab)`` drawn from ``seed``: the same global batch on any layout."""
+        from megatron_ext.data.batches import split_micro_batches
+
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(low, vocab, (global_batch, seq_length + 1), generator=generator)
+        share = global_batch // self.ctx.layout.dp
+        mine = tokens[self.ctx.dp_rank * share : (self.ctx.dp_rank + 1) * share]
+        return split_micro_batches(mine, micro_batch)
 
     def train_on(self, micro_batches: list[dict], seq_length: int, **step_options) -> Any:
         """One training step on this rank's micro-batches, then one step of the LR schedule;

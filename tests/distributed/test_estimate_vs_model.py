@@ -57,7 +57,6 @@ def worker(rank: int, layout: str) -> dict:
     from megatron.core import parallel_state
 
     from megatron_ext.checkpoint.manager import torch_adams
-    from megatron_ext.data.batches import split_micro_batches
     from megatron_ext.models.builder import count_parameters
     from megatron_ext.parallel.init import destroy_parallel
     from megatron_ext.training.optimizer import OptimizerConfig
@@ -74,12 +73,8 @@ def worker(rank: int, layout: str) -> dict:
         seed=7,
     )
     try:
-        dp = run.ctx.layout.dp
-        tokens = torch.randint(
-            0, VOCAB, (2 * dp, SEQ + 1), generator=torch.Generator().manual_seed(0)
-        )
-        mine = tokens[run.ctx.dp_rank * 2 : (run.ctx.dp_rank + 1) * 2]
-        assert not run.train_on(split_micro_batches(mine, 1), SEQ).skipped
+        batches = run.seeded_micro_batches(0, 2 * run.ctx.layout.dp, SEQ, VOCAB, 1)
+        assert not run.train_on(batches, SEQ).skipped
         adams = torch_adams(run.optimizer)
         main_weights = [p for adam in adams for g in adam.param_groups for p in g["params"]]
         moments = [

@@ -80,7 +80,6 @@ def _moment_norm(adams) -> float:
 
 def worker(rank: int, phase: str, root: str) -> dict:
     from megatron_ext.checkpoint.manager import torch_adams
-    from megatron_ext.data.batches import split_micro_batches
     from megatron_ext.parallel.init import destroy_parallel
     from megatron_ext.training.fused_param_copy import AdamWWritingModelParams
 
@@ -97,12 +96,8 @@ def worker(rank: int, phase: str, root: str) -> dict:
         out["installed"] = [isinstance(adam, AdamWWritingModelParams) for adam in adams]
         while step < 4:
             step += 1
-            tokens = torch.randint(
-                0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(step)
-            )
-            share = GLOBAL_BATCH // run.ctx.layout.dp
-            mine = tokens[run.ctx.dp_rank * share : (run.ctx.dp_rank + 1) * share]
-            result = run.train_on(split_micro_batches(mine, MICRO_BATCH), SEQ)
+            batches = run.seeded_micro_batches(step, GLOBAL_BATCH, SEQ, VOCAB, MICRO_BATCH)
+            result = run.train_on(batches, SEQ)
             assert not result.skipped
             out[f"loss_{step}"] = result.loss
             out[f"norm_{step}"] = result.grad_norm

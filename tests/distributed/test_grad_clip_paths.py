@@ -59,7 +59,6 @@ def worker(rank: int, phase: str) -> dict:
     from megatron.core.optimizer import clip_grads
 
     from megatron_ext.checkpoint.manager import torch_adams
-    from megatron_ext.data.batches import split_micro_batches
     from megatron_ext.parallel.init import destroy_parallel
     from megatron_ext.training import multi_tensor
     from megatron_ext.training.step import fuses_grad_scale
@@ -83,10 +82,7 @@ def worker(rank: int, phase: str) -> dict:
         )
     try:
         for step in range(1, 5):
-            tokens = torch.randint(
-                0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(step)
-            )
-            micro_batches = split_micro_batches(tokens, MICRO_BATCH)
+            micro_batches = run.seeded_micro_batches(step, GLOBAL_BATCH, SEQ, VOCAB, MICRO_BATCH)
             result = run.train_on(micro_batches, SEQ, clip_in_update=not reference)
             out[f"loss_{step}"] = result.loss
             out[f"norm_{step}"] = result.grad_norm

@@ -30,7 +30,6 @@ OP = "megatron_ext::accumulate_wgrad"
 def worker(rank: int, phase: str) -> dict:
     from torch._dynamo.utils import counters
 
-    from megatron_ext.data.batches import split_micro_batches
     from megatron_ext.models.config import ModelConfig, PrecisionConfig
     from megatron_ext.models.fast_path import compile_counts, compile_transformer_layers
     from megatron_ext.parallel.config import ParallelConfig
@@ -40,7 +39,7 @@ def worker(rank: int, phase: str) -> dict:
 
     torch.set_num_threads(1)
     fusion, compiled = phase.split("-")[0], "compiled" in phase
-    tp, dp = (2, 1) if "tp2" in phase else (1, 2) if "dp2" in phase else (1, 1)
+    tp = 2 if "tp2" in phase else 1  # the data-parallel size is what remains of the world
     parallel = ParallelConfig(
         device="cpu",
         tensor_model_parallel_size=tp,
@@ -62,12 +61,9 @@ def worker(rank: int, phase: str) -> dict:
     out: dict = {"losses": [], "norms": [], "op_calls": []}
     try:
         for step in range(1, 4):
-            tokens = torch.randint(
-                1, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(step)
+            micro_batches = run.seeded_micro_batches(
+                step, GLOBAL_BATCH, SEQ, VOCAB, MICRO_BATCH, low=1
             )
-            share = GLOBAL_BATCH // dp  # this data-parallel rank's rows
-            mine = tokens[run.ctx.dp_rank * share : (run.ctx.dp_rank + 1) * share]
-            micro_batches = split_micro_batches(mine, MICRO_BATCH)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 result = run.train_on(micro_batches, SEQ)
             out["losses"].append(result.loss)
