@@ -32,16 +32,8 @@ def _configs(layout: str):
 
     tp, pp, untied = LAYOUTS[layout]
     return (
-        ModelConfig(
-            num_layers=4,
-            hidden_size=64,
-            ffn_hidden_size=176,
-            num_attention_heads=4,
-            num_query_groups=2,
-            seq_length=SEQ,
-            vocab_size=VOCAB,
-            untie_embeddings_and_output_weights=untied,
-        ),
+        # The default tiny shape: 4 layers, hidden 64, 4 heads in 2 query groups.
+        ModelConfig(seq_length=SEQ, vocab_size=VOCAB, untie_embeddings_and_output_weights=untied),
         ParallelConfig(
             device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
         ),
