@@ -115,8 +115,9 @@ def test_fp16_overflow_skips_step_halves_scale_and_continues(token_dataset, tmp_
 
 def test_recipe_at_reduced_size_runs_with_every_feature(token_dataset, tmp_path):
     """recipe_1b.yaml with a tiny model on 4 CPU processes: TP2 x DP2, sequence parallel, bf16,
-    distributed optimizer with the overlapped gradient reduce and weight all-gather, curriculum,
-    warmup + cosine, evaluation, checkpoint, monitoring."""
+    distributed optimizer with the overlapped gradient reduce and weight all-gather, the
+    preset's two loader threads, curriculum, warmup + cosine, evaluation, checkpoint,
+    monitoring."""
     run_dir = tmp_path / "recipe"
     extra = [
         "--model.num_layers=2",
@@ -136,7 +137,6 @@ def test_recipe_at_reduced_size_runs_with_every_feature(token_dataset, tmp_path)
         "--training.eval_interval=2",
         "--training.eval_iters=1",
         "--data.split=90,10",
-        "--data.num_workers=1",
         f"--data.index_cache_dir={tmp_path / 'index_cache'}",
         "--monitoring.activation_stats_interval=2",
         "--checkpoint.interval=2",
