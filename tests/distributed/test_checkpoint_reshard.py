@@ -149,28 +149,6 @@ def worker(rank: int, ports: list[int], root: str) -> None:
             _phase(index, rank, ports[index], Path(root))
 
 
-def _listen_ports(count: int) -> list[int]:
-    """Free ports below Linux's ephemeral range (32768+), chosen at random.
-
-    The later phases bind their port minutes after it is chosen; a port from the ephemeral range
-    (what binding port 0 gives) may by then be taken by any outgoing connection on the machine.
-    """
-    import random
-    import socket
-
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randint(20000, 32000)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 def _full_tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a torch_dist checkpoint at full shape, read without a process group."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -185,8 +163,10 @@ def _full_tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
 def resharded_runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
+    from megatron_ext.parallel.init import find_free_ports
+
     root = tmp_path_factory.mktemp("reshard")
-    ports = _listen_ports(len(PHASES))
+    ports = find_free_ports(len(PHASES))
     mp.spawn(worker, args=(ports, str(root)), nprocs=8, join=True)
     results = [json.loads((root / f"phase{i}.json").read_text()) for i in range(len(PHASES))]
     return root, results

@@ -291,7 +291,7 @@ def runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
     from megatron_ext.convert.from_hf import convert_from_hf
-    from megatron_ext.parallel.init import find_free_port
+    from megatron_ext.parallel.init import find_free_ports
     from megatron_ext.tokenizer.loading import SentencePieceTokenizer
 
     root = tmp_path_factory.mktemp("convert")
@@ -325,7 +325,7 @@ def runs(tmp_path_factory):
         },
     }
     torch.save(inputs, root / "inputs.pt")
-    ports = [find_free_port(), find_free_port()]
+    ports = find_free_ports(2)
     mp.spawn(worker, args=(ports, str(root)), nprocs=4, join=True)
     return root, inputs, tokenizer_dir
 

@@ -203,10 +203,10 @@ def worker(rank: int, ports: list[int], root: str) -> None:
 def parity_runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    from megatron_ext.parallel.init import find_free_port
+    from megatron_ext.parallel.init import find_free_ports
 
     root = tmp_path_factory.mktemp("monitoring_parity")
-    ports = [find_free_port(), find_free_port()]
+    ports = find_free_ports(2)
     mp.spawn(worker, args=(ports, str(root)), nprocs=8, join=True)
     reference = json.loads((root / "reference.json").read_text())
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(8)]
