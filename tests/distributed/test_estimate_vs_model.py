@@ -68,14 +68,10 @@ def worker(rank: int, layout: str) -> dict:
         batches = run.seeded_micro_batches(0, 2 * run.ctx.layout.dp, SEQ, VOCAB, 1)
         assert not run.train_on(batches, SEQ).skipped
         adams = torch_adams(run.optimizer)
-        main_weights = [p for adam in adams for g in adam.param_groups for p in g["params"]]
-        moments = [
-            adam.state[p][key]
-            for adam in adams
-            for p in main_weights
-            if p in adam.state
-            for key in ("exp_avg", "exp_avg_sq")
-        ]
+        owned = [(adam, p) for adam in adams for g in adam.param_groups for p in g["params"]]
+        main_weights = [p for _, p in owned]
+        # Every main weight has both moments after the step (a missing one raises).
+        moments = [adam.state[p][key] for adam, p in owned for key in ("exp_avg", "exp_avg_sq")]
         return {
             "stage": parallel_state.get_pipeline_model_parallel_rank(),
             "params": count_parameters(run.model),
