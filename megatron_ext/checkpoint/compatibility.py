@@ -10,6 +10,11 @@ learning rate, seed, ...) raises one error naming every changed field.
 A checkpoint written by an earlier megatron_ext lacks the fields added since. Such a field at its
 default is accepted (and logged): a new field's default is what the code did before the field
 existed. Set to anything else, it is a change like any other.
+
+The datasets are compared by content as well as by path when the checkpoint recorded their
+fingerprints (``data.fingerprint``): other paths to the same content (the files were copied
+elsewhere) are accepted and logged, and a dataset whose content changed under its path is refused
+as a change of ``data.data_path``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 from typing import Any
 
 from megatron_ext.config.errors import ConfigError, Problem
+from megatron_ext.data.fingerprint import describe
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ fast path's switches, the fused AdamW update and its copy into the model's weigh
 plain path to float rounding), never which tokens are trained on or how."""
 
 _MISSING = "<absent>"
+DATA_PATH = "data.data_path"
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -95,43 +102,95 @@ def check_config_change(
     only_sections: tuple[str, ...] | None = None,
     log: bool = True,
     defaults: dict | None = None,
+    data: tuple[list[dict] | None, list[dict]] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Raise ConfigError (one problem per field) for refused changes; log and return the others.
 
     ``only_sections`` restricts the comparison (finetuning compares the ``model`` section only).
     ``defaults``: the config of all defaults; a field the saved config lacks (added to megatron_ext
-    after the checkpoint was written) is accepted at its default.
+    after the checkpoint was written) is accepted at its default. ``data``: the checkpoint's
+    dataset fingerprints (None when it recorded none) and the current ones, one per
+    ``data.data_path`` entry; compared when the ``data`` section is.
     """
     changes = diff_configs(saved, current)
     if only_sections is not None:
         changes = {k: v for k, v in changes.items() if _covered(k, only_sections)}
     added = added_at_default(changes, defaults)
-    refused = {
-        k: v
-        for k, v in changes.items()
-        if not _covered(k, ALWAYS_ALLOWED) and not _covered(k, allow_changes) and k not in added
-    }
-    if refused:
-        names = ", ".join(refused)
-        fix = (
-            f"restore the checkpoint's value, or allow the change with "
-            f"--checkpoint.allow_changes='[{names}]'"
-        )
-        raise ConfigError(
-            [
-                Problem(key, new, f"differs from {old!r} in the checkpoint {checkpoint}", fix)
-                for key, (old, new) in refused.items()
-            ]
-        )
-    for key, (old, new) in changes.items():
-        if log and not _covered(key, ("checkpoint", "monitoring", "run_dir")):
-            if _covered(key, ("parallel",)):
-                reason = "layout change, resharded on load"
-            elif key in added:
-                reason = "a field added after this checkpoint was written, at its default"
-            elif _covered(key, ALWAYS_ALLOWED):
-                reason = "does not change what is trained"
-            else:
-                reason = "allowed by checkpoint.allow_changes"
-            logger.warning("resume changes %s: %r -> %r (%s)", key, old, new, reason)
+    rewritten, moved = None, None
+    if data is not None and (only_sections is None or _covered(DATA_PATH, only_sections)):
+        paths = current.get("data", {}).get("data_path", [])
+        rewritten = _rewritten_datasets(data[0], data[1], paths, checkpoint, log)
+        if rewritten == [] and DATA_PATH in changes:
+            moved = changes.pop(DATA_PATH)
+    refused = [
+        (key, new, f"differs from {old!r} in the checkpoint {checkpoint}")
+        for key, (old, new) in changes.items()
+        if not (_covered(key, ALWAYS_ALLOWED) or _covered(key, allow_changes) or key in added)
+    ]
+    if rewritten and not _covered(DATA_PATH, allow_changes):
+        refused += rewritten
+    # One fix for all: the list that allows every refused change at once.
+    names = ", ".join(dict.fromkeys(key for key, _, _ in refused))
+    fix = (
+        "restore what the checkpoint was trained with, or allow the change with "
+        f"--checkpoint.allow_changes='[{names}]'"
+    )
+    problems = [Problem(key, value, rule, fix) for key, value, rule in refused]
+    if problems:
+        raise ConfigError(problems)
+    if log:
+        _log_accepted(changes, added, rewritten or [], moved)
     return changes
+
+
+def _log_accepted(
+    changes: dict[str, tuple[Any, Any]],
+    added: set[str],
+    rewritten: list[tuple[str, str, str]],
+    moved: tuple[Any, Any] | None,
+) -> None:
+    for key, _, rule in rewritten:
+        logger.warning("resume changes %s: %s (allowed by checkpoint.allow_changes)", key, rule)
+    if moved is not None:
+        logger.info("resume reads the same datasets from another place: %r -> %r", *moved)
+    for key, (old, new) in changes.items():
+        if _covered(key, ("checkpoint", "monitoring", "run_dir")):
+            continue
+        if _covered(key, ("parallel",)):
+            reason = "layout change, resharded on load"
+        elif key in added:
+            reason = "a field added after this checkpoint was written, at its default"
+        elif _covered(key, ALWAYS_ALLOWED):
+            reason = "does not change what is trained"
+        else:
+            reason = "allowed by checkpoint.allow_changes"
+        logger.warning("resume changes %s: %r -> %r (%s)", key, old, new, reason)
+
+
+def _rewritten_datasets(
+    saved: list[dict] | None, current: list[dict], paths: list[str], checkpoint: str, log: bool
+) -> list[tuple[str, str, str]] | None:
+    """``(field, path, rule)`` of each dataset whose content is not what the checkpoint trained on.
+
+    None when contents cannot be compared: the checkpoint recorded no fingerprints, or another
+    number of datasets is configured (a change of ``data.data_path`` anyway).
+    """
+    if saved is None:
+        if log:
+            logger.warning(
+                "the checkpoint records no dataset fingerprints (it was written by an earlier "
+                "megatron_ext or converted): its datasets are compared by path only"
+            )
+        return None
+    if len(saved) != len(current):
+        return None
+    return [
+        (
+            DATA_PATH,
+            paths[i],
+            f"dataset {i} holds other data than when the checkpoint {checkpoint} was written "
+            f"({describe(then)} then, {describe(now)} now)",
+        )
+        for i, (then, now) in enumerate(zip(saved, current))
+        if then != now
+    ]

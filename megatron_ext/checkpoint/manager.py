@@ -3,11 +3,11 @@
 The loop calls exactly two functions, on every rank::
 
     run_state = load_checkpoint(cfg.checkpoint, run_dir, model_chunks, optimizer, scheduler, ctx,
-                                to_dict(cfg), to_dict(ExperimentConfig()))
+                                to_dict(cfg), to_dict(ExperimentConfig()), fingerprints)
     # None: nothing to resume, start at step 0
     ...
     save_checkpoint(cfg.checkpoint, run_dir, step, model_chunks, optimizer, scheduler,
-                    {"progress": ...}, to_dict(cfg), ctx, background)
+                    {"progress": ..., "data": fingerprints}, to_dict(cfg), ctx, background)
     # background: None (the save returns when the checkpoint is published) or a
     # ``BackgroundSaves`` (``checkpoint.async_save``: it returns once the writers started)
 
@@ -170,11 +170,15 @@ def load_checkpoint(
     ctx: ParallelContext,
     current_config_dict: dict,
     default_config_dict: dict | None = None,
+    data_fingerprints: list[dict] | None = None,
 ) -> dict | None:
     """Restore the run from its checkpoint on all ranks; returns the saved run state.
 
     ``default_config_dict`` (the config of all defaults) lets a checkpoint of an earlier
     megatron_ext resume: fields added since are accepted at their defaults.
+    ``data_fingerprints`` (``data.fingerprint.data_fingerprints`` of the configured datasets) are
+    compared with the ones the checkpoint's run state holds under ``data``: the same datasets
+    at other paths resume, other contents at the same paths are refused.
 
     Returns None when there is nothing to resume (no checkpoint yet, or ``finetune``, which loads
     only the weights). Raises ``CheckpointError`` for a missing or corrupt checkpoint (naming the
@@ -198,6 +202,9 @@ def load_checkpoint(
         only_sections=("model",) if cfg.finetune else None,
         log=ctx.rank == 0,
         defaults=default_config_dict,
+        data=None
+        if data_fingerprints is None
+        else (found["run_state"].get("data"), data_fingerprints),
     )
     same_layout = found["meta"]["layout"] == _layout_dict(ctx)
     restore_rng = same_layout and not cfg.finetune

@@ -28,6 +28,7 @@ from megatron_ext.checkpoint.manager import load_checkpoint, save_checkpoint
 from megatron_ext.checkpoint.preemption import PreemptionHandler
 from megatron_ext.config.loader import save_config, to_dict
 from megatron_ext.data.batches import get_eval_batches
+from megatron_ext.data.fingerprint import data_fingerprints
 from megatron_ext.data.prefetch import BatchPrefetcher, make_step_loader
 from megatron_ext.data.token_stream import build_token_streams
 from megatron_ext.monitoring.monitor import TrainingMonitor, format_record
@@ -74,6 +75,8 @@ class _Run:
     scheduler: object
     streams: object
     progress: TrainProgress
+    data_fingerprints: list[dict]
+    """What each dataset holds (``data.fingerprint``): saved with every checkpoint."""
 
 
 def train(cfg: ExperimentConfig) -> TrainSummary:
@@ -95,6 +98,7 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
         save_config(cfg, run_dir / "config.yaml")
     _check_tokenizer(cfg)
     streams = build_token_streams(cfg.data)
+    fingerprints = _data_fingerprints(cfg, ctx)
     trainable = build_trainable(
         cfg.model,
         cfg.parallel,
@@ -115,6 +119,7 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
         ctx,
         to_dict(cfg),
         default_config_dict=to_dict(type(cfg)()),
+        data_fingerprints=fingerprints,
     )
     progress = TrainProgress()
     if run_state is not None:
@@ -126,7 +131,24 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
         )
         if ctx.rank == 0:
             logger.info("resumed at step %d (%d tokens)", progress.step, progress.consumed_tokens)
-    return _Run(ctx, ddp_chunks, optimizer, scheduler, streams, progress)
+    return _Run(ctx, ddp_chunks, optimizer, scheduler, streams, progress, fingerprints)
+
+
+def _data_fingerprints(cfg: ExperimentConfig, ctx: ParallelContext) -> list[dict]:
+    """Rank 0 reads the fingerprints (a few hundred small reads per dataset, whatever its size)
+    and every rank takes its answer, or its error, so that all ranks agree on a resume's check."""
+    box: list = [(None, None)]
+    if ctx.rank == 0:
+        try:
+            box = [(data_fingerprints(cfg.data.data_path), None)]
+        except (OSError, ValueError) as exc:
+            box = [(None, f"{type(exc).__name__}: {exc}")]
+    if ctx.layout.world_size > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    fingerprints, error = box[0]
+    if error is not None:
+        raise ValueError(f"reading the fingerprints of data.data_path failed: {error}")
+    return fingerprints
 
 
 def _schedule_change_allowed(cfg: ExperimentConfig) -> bool:
@@ -302,7 +324,10 @@ def _stop_reason(cfg, monitor, preemption, ctx, step: int, start_step: int) -> s
 def _save(
     cfg: ExperimentConfig, run: _Run, progress: TrainProgress, background: BackgroundSaves | None
 ) -> None:
-    run_state = {"progress": progress_state_dict(cfg.schedule, progress, run.ctx.layout.dp)}
+    run_state = {
+        "progress": progress_state_dict(cfg.schedule, progress, run.ctx.layout.dp),
+        "data": run.data_fingerprints,
+    }
     save_checkpoint(
         cfg.checkpoint,
         Path(cfg.run_dir),

@@ -7,13 +7,16 @@ exits 0, and the next start continues from there to the same numbers as A. Run D
 checkpoints written in the background (``checkpoint.async_save``). Run E stops at step 10 and its
 checkpoint's config is edited to look written by an earlier megatron_ext, without two fields:
 the resume is refused while the run sets one of them to a non-default value, and continues to
-A's numbers once only a field at its default is missing.
+A's numbers once only a field at its default is missing. Run F stops at step 10; its dataset is
+then rewritten in place, and the resume is refused; the original files copied to another path
+resume it to A's numbers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,10 +32,10 @@ CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 TRAIN_STEPS, INTERVAL = 30, 10
 
 
-def _write_dataset(prefix: Path) -> str:
+def _write_dataset(prefix: Path, seed: int = 0) -> str:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
     for _ in range(400):
         # Ids below the tiny config's vocabulary of 2,048.
@@ -227,6 +230,44 @@ def test_checkpoint_of_an_earlier_version_resumes_with_added_fields_at_their_def
     full_log = run_e.with_suffix(".log").read_text()
     assert "optimizer.adam_eps: '<absent>' -> 1e-08 (a field added after" in full_log
     resumed = _metrics(run_e)
+    for step in range(11, TRAIN_STEPS + 1):
+        assert resumed[step]["loss"] == expected[step]["loss"], step
+        assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
+
+
+def _copy_dataset(prefix: str, to: Path) -> str:
+    to.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".bin", ".idx"):
+        shutil.copyfile(prefix + suffix, str(to) + suffix)
+    return str(to)
+
+
+@pytest.mark.timeout(900)
+def test_resume_follows_the_data_by_content_not_by_path(reference):
+    from megatron_ext.data.fingerprint import dataset_fingerprint
+
+    root, data, expected = reference
+    run_f = root / "F"
+    first_place = _copy_dataset(data, root / "F_scratch" / "tokens")
+    _run_to_end(run_f, first_place, ("--training.exit_after_steps=10",))
+    assert _latest(run_f) == "iter_0000010"
+    run_state = json.loads((run_f / "checkpoints" / _latest(run_f) / "run_state.json").read_text())
+    assert run_state["data"] == [dataset_fingerprint(data)]
+
+    # Preprocessed again into the same place: same path, other tokens.
+    _write_dataset(Path(first_place), seed=1)
+    proc = _start(run_f, first_place)
+    assert proc.wait(timeout=300) != 0
+    log = _log(run_f)
+    assert "data.data_path=" in log and "dataset 0 holds other data" in log, log
+    assert "allow_changes='[data.data_path]'" in log, log
+
+    # The files trained on, copied to another filesystem: the run goes on as if never moved.
+    second_place = _copy_dataset(data, root / "F_nvme" / "tokens")
+    _run_to_end(run_f, second_place)
+    full_log = run_f.with_suffix(".log").read_text()
+    assert "resume reads the same datasets from another place" in full_log
+    resumed = _metrics(run_f)
     for step in range(11, TRAIN_STEPS + 1):
         assert resumed[step]["loss"] == expected[step]["loss"], step
         assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step

@@ -15,7 +15,7 @@ SAVED = {
     "seed": 1234,
     "model": {"num_layers": 4, "hidden_size": 64},
     "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
-    "data": {"blend": ["0.7", "a", "0.3", "b"], "path": "/data/x"},
+    "data": {"blend": ["0.7", "a", "0.3", "b"], "path": "/data/x", "data_path": ["/d/a", "/d/b"]},
     "schedule": {"train_steps": 30, "global_batch_size": 8, "lr": 3e-4},
     "checkpoint": {"interval": 10, "allow_changes": []},
     "monitoring": {"log_interval": 1},
@@ -158,3 +158,79 @@ def test_finetune_compares_the_model_only():
         check_config_change(
             SAVED, _changed(model__hidden_size=32), [], "x", only_sections=("model",)
         )
+
+
+def _fingerprint(documents: int, tokens: int, sha: str) -> dict:
+    """A fingerprint as ``data.fingerprint.dataset_fingerprint`` writes it (uint16 tokens)."""
+    return {
+        "documents": documents,
+        "sequences": documents,
+        "dtype": "uint16",
+        "idx_bytes": 34 + 18 * documents,
+        "bin_bytes": 2 * tokens,
+        "sha256": sha,
+    }
+
+
+TRAINED_ON = [_fingerprint(100, 5000, "aa"), _fingerprint(50, 9000, "bb")]
+
+
+def test_the_same_datasets_at_other_paths_resume(caplog):
+    current = _changed(data__data_path=["/nvme/a", "/nvme/b"])
+    with caplog.at_level(logging.INFO):
+        changes = check_config_change(SAVED, current, [], "x", data=(TRAINED_ON, TRAINED_ON))
+    assert changes == {}
+    assert "the same datasets from another place" in caplog.text
+    assert "/nvme/a" in caplog.text
+    # Contents are compared dataset for dataset: swapping the two is no move.
+    swapped = _changed(data__data_path=["/d/b", "/d/a"])
+    with pytest.raises(ConfigError) as info:
+        check_config_change(SAVED, swapped, [], "x", data=(TRAINED_ON, TRAINED_ON[::-1]))
+    assert info.value.fields() == ["data.data_path", "data.data_path", "data.data_path"]
+
+
+def test_a_dataset_rewritten_in_place_is_refused_unless_allowed(caplog):
+    rewritten = [TRAINED_ON[0], _fingerprint(60, 9100, "cc")]
+    with pytest.raises(ConfigError) as info:
+        check_config_change(SAVED, _changed(), [], "ckpt/iter_10", data=(TRAINED_ON, rewritten))
+    assert info.value.fields() == ["data.data_path"]
+    problem = info.value.problems[0]
+    assert problem.value == "/d/b"
+    assert "dataset 1 holds other data than when the checkpoint ckpt/iter_10" in problem.rule
+    assert "(50 documents, 9,000 tokens (uint16) then, 60 documents, 9,100 tokens" in problem.rule
+    assert "allow_changes='[data.data_path]'" in problem.fix
+
+    for allowed in (["data.data_path"], ["data"]):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            check_config_change(SAVED, _changed(), allowed, "x", data=(TRAINED_ON, rewritten))
+        assert "dataset 1 holds other data" in caplog.text
+        assert "allowed by checkpoint.allow_changes" in caplog.text
+
+
+def test_moved_and_rewritten_is_refused_for_both():
+    current = _changed(data__data_path=["/nvme/a", "/nvme/b"], seed=7)
+    rewritten = [_fingerprint(100, 5000, "a2"), TRAINED_ON[1]]
+    with pytest.raises(ConfigError) as info:
+        check_config_change(SAVED, current, [], "x", data=(TRAINED_ON, rewritten))
+    assert info.value.fields() == ["data.data_path", "seed", "data.data_path"]
+    assert "allow_changes='[data.data_path, seed]'" in info.value.problems[0].fix
+
+
+def test_without_recorded_fingerprints_paths_alone_decide(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert check_config_change(SAVED, _changed(), [], "x", data=(None, TRAINED_ON)) == {}
+    assert "compared by path only" in caplog.text
+    moved = _changed(data__data_path=["/nvme/a", "/nvme/b"])
+    with pytest.raises(ConfigError) as info:
+        check_config_change(SAVED, moved, [], "x", data=(None, TRAINED_ON))
+    assert info.value.fields() == ["data.data_path"]
+
+
+def test_finetune_does_not_compare_the_data():
+    rewritten = [_fingerprint(1, 2, "zz"), _fingerprint(3, 4, "yy")]
+    current = _changed(data__data_path=["/other"])
+    changes = check_config_change(
+        SAVED, current, [], "x", only_sections=("model",), data=(TRAINED_ON, rewritten)
+    )
+    assert changes == {}
