@@ -290,7 +290,8 @@ class TokenStream:
         return d, doc, position - int(epoch.starts[i])
 
     def fingerprint(self) -> dict:
-        """What determines the stream's content; a checkpoint stores it to refuse silent changes."""
+        """What determines the stream's content, for comparing two streams (a checkpoint stores
+        the datasets' own content fingerprints instead: ``data.fingerprint``)."""
         return {
             "name": self.name,
             "prefixes": [s.prefix for s in self.sources],
