@@ -17,6 +17,7 @@ from megatron_ext.models.fast_path import apply_fast_path, resolve_fast_path
 from megatron_ext.models.fused_loss import ChunkedLossGPTModel
 from megatron_ext.models.specs import get_block_spec, get_layer_spec, resolve_backend
 from megatron_ext.parallel.config import ParallelConfig
+from megatron_ext.parallel.init import pipeline_stage_ends
 
 
 def build_transformer_config(
@@ -102,8 +103,6 @@ def build_model(
     device: str,
 ) -> list[GPTModel]:
     """Build this rank's model chunks (``virtual_pipeline_model_parallel_size`` of them, or one)."""
-    from megatron.core import parallel_state
-
     config = build_transformer_config(model, parallel, precision, device)
     backend = resolve_backend(model.transformer_impl, device)
     spec = get_layer_spec(backend, model.attention_backend)
@@ -114,13 +113,14 @@ def build_model(
     chunks = []
     for vp_stage in range(num_chunks):
         vp = vp_stage if parallel.virtual_pipeline_model_parallel_size else None
+        first_stage, last_stage = pipeline_stage_ends(vp)
         chunk = model_class(
             config=config,
             transformer_layer_spec=get_block_spec(spec, backend, config, vp),
             vocab_size=vocab,
             max_sequence_length=model.seq_length,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            pre_process=first_stage,
+            post_process=last_stage,
             share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
             position_embedding_type="rope",
             rotary_base=model.rotary_base,

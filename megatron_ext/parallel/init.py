@@ -47,9 +47,7 @@ class ParallelContext:
         return parallel_state.get_data_parallel_group()
 
     def dp_cp_group(self) -> dist.ProcessGroup:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+        return data_parallel_group_with_context()
 
     def tp_group(self) -> dist.ProcessGroup:
         from megatron.core import parallel_state
@@ -111,6 +109,24 @@ def initialize_parallel(cfg: ParallelConfig, seed: int) -> ParallelContext:
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def data_parallel_group_with_context() -> dist.ProcessGroup:
+    """The group that averages the loss and the gradients: data x context parallel ranks."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def pipeline_stage_ends(vp_stage: int | None) -> tuple[bool, bool]:
+    """Whether this rank's model chunk ``vp_stage`` (None without virtual pipelining) is the first
+    and the last of the whole pipeline: it holds the embedding, and the output layer and loss."""
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
     )
 
 

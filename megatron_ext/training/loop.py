@@ -176,19 +176,16 @@ def _check_tokenizer(cfg: ExperimentConfig) -> None:
 
 
 def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
-    from megatron.core import parallel_state
-
     ctx = run.ctx
     dp = ctx.layout.dp
-    is_last_stage = parallel_state.is_pipeline_last_stage()
+    is_last_stage = ctx.pp_rank == ctx.layout.pp - 1
     pp_group = ctx.pp_group()
     load = make_step_loader(
         run.streams.train,
         dp_rank=ctx.dp_rank,
         dp_size=dp,
         micro_batch_size=cfg.schedule.micro_batch_size,
-        eod_mask_loss=cfg.data.eod_mask_loss,
-        reset_position_ids=cfg.data.reset_position_ids,
+        **_batch_options(cfg),
     )
     prefetcher = BatchPrefetcher(
         load,
@@ -355,7 +352,17 @@ def _eval_batches(cfg: ExperimentConfig, run: _Run) -> list | None:
         ctx.dp_rank,
         ctx.layout.dp,
         cfg.schedule.micro_batch_size,
+        **_batch_options(cfg),
     )
+
+
+def _batch_options(cfg: ExperimentConfig) -> dict[str, bool]:
+    """How micro-batches are cut, the same for training and validation batches (so that the
+    validation loss is the training loss's measure)."""
+    return {
+        "eod_mask_loss": cfg.data.eod_mask_loss,
+        "reset_position_ids": cfg.data.reset_position_ids,
+    }
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_ext.parallel.init import data_parallel_group_with_context
 from megatron_ext.training.fused_param_copy import AdamWWritingModelParams
 
 
@@ -233,15 +234,12 @@ def mean_loss_value(
     is_last_stage: bool,
 ) -> torch.Tensor:
     """``mean_loss`` as a one-element float64 tensor on ``device``, not yet read by the host."""
-    from megatron.core import parallel_state
-
     value = torch.zeros(1, dtype=torch.float64, device=device)
     if is_last_stage:
         value += torch.stack([d["lm loss"].double() for d in loss_dicts]).mean()
-        torch.distributed.all_reduce(
-            value, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
-        )
-        value /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        dp_cp_group = data_parallel_group_with_context()
+        torch.distributed.all_reduce(value, group=dp_cp_group)
+        value /= dp_cp_group.size()
     # Every rank reports the same loss: the last stage owns it, the others receive it.
     last_rank = torch.distributed.get_global_rank(pp_group, pp_group.size() - 1)
     torch.distributed.broadcast(value, src=last_rank, group=pp_group)
