@@ -4,7 +4,7 @@ The recipe saves every 1,000 steps::
 
     checkpoint:
       interval: 1000
-      keep_last: 5
+      keep_last: 3
       allow_changes: []      # e.g. ["schedule.train_steps"] to extend a finished run
 
 The defaults below run the tiny CPU job.

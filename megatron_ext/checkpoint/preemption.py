@@ -1,9 +1,10 @@
 """Stop cleanly when the scheduler preempts the job.
 
-SLURM sends SIGTERM before it kills a job (and SIGUSR1 ahead of the time limit with
-``#SBATCH --signal=USR1@120``). The handler only records the signal; the loop finishes the
-current step, asks ``should_stop`` (agreed by all ranks, so every rank saves the same step),
-saves, and exits with status 0 so that a requeued job resumes from that checkpoint::
+SLURM sends SIGTERM before it kills a job; ahead of the time limit, the batch shell of
+``launch/slurm_multi_node.sbatch`` (``#SBATCH --signal=B:USR1@360``) relays SIGUSR1 to the ranks
+and requeues the job once they exited (docs/launch.md). The handler only records the signal; the
+loop finishes the current step, asks ``should_stop`` (agreed by all ranks, so every rank saves the
+same step), saves, and exits with status 0 so that a requeued job resumes from that checkpoint::
 
     preemption = PreemptionHandler()
     try:

@@ -2,7 +2,7 @@
 
 * ``split_documents``: a seeded, per-dataset assignment of documents to train / valid / test.
 * ``blend_quotas``: how many tokens each dataset contributes to one blended epoch.
-* ``interleave_order``: the order in which documents of several datasets are merged so that
+* ``interleave_permutation``: the order in which documents of several datasets are merged so that
   every prefix of the blended stream holds each dataset's share of tokens (error below one
   document per dataset). This is the continuous form of the greedy error-minimising interleave
   of Megatron's ``BlendedDataset``, measured in tokens instead of samples, and vectorised.

@@ -7,7 +7,7 @@ megatron-core's unfused ``DotProductAttention`` (which materialises ``[b, heads,
 our subclasses of megatron-core's parallel linear layers (``linear``: a compiled layer is one graph,
 and the weight gradient can go straight into DDP's ``main_grad``).
 Both produce the same parameter names in checkpoints (megatron-core maps the local norms onto TE's
-fused ``layer_norm_weight`` keys), so checkpoints move between backends.
+fused ``layer_norm_weight`` keys); TE layers also store FP8 metadata (``_extra_state``).
 """
 
 from __future__ import annotations
