@@ -177,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         robust[name] = (typical * len(ordinary) + stats_total) / len(values)
     print(
         f"{'set-up':<10} {'ms/step':>10} {'vs none':>9} {'vs stats_off':>13} {'robust vs none':>15}"
+        f" {'robust vs stats_off':>20}"
     )
     for name in SETUPS:
         print(
             f"{name:<10} {1000 * mean[name]:>10.2f} {mean[name] / mean['none']:>9.4f} "
             f"{mean[name] / mean['stats_off']:>13.4f} {robust[name] / robust['none']:>15.4f}"
+            f" {robust[name] / robust['stats_off']:>20.4f}"
         )
     throughput = [
         f"{key}={last[key]:.4g}" for key in ("tokens_per_s", "tflops_per_gpu", "mfu") if key in last

@@ -1,4 +1,4 @@
-"""Import a Hugging Face Llama directory as a megatron_ext checkpoint to finetune or resume from.
+"""Import a Hugging Face Llama directory as a megatron_ext checkpoint to fine-tune from.
 
 Writes RUN_DIR/checkpoints/iter_0000000/ (torch_dist, loadable at any TP/PP layout) with the
 model section in config.yaml and the tokenizer in tokenizer/, and RUN_DIR/checkpoints/latest.

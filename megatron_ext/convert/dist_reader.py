@@ -3,8 +3,9 @@
 A ``torch_dist`` checkpoint stores every tensor at its full (unsharded) shape, whatever TP/PP/VPP
 layout wrote it, so a single process reads it with ``torch.distributed.checkpoint`` directly. The
 reader asks for a region of one key (e.g. one layer of the stacked ``[L, ...]`` decoder weights, or
-the unpadded rows of the embedding) and gets exactly that region in a preallocated tensor: memory
-stays bounded by the largest region read, never by the checkpoint.
+the unpadded rows of the embedding) and gets that region in a preallocated tensor.
+``torch.distributed.checkpoint`` reads each stored chunk whole and copies the region out, so memory
+stays bounded by a few times the largest stored chunk read, never by the checkpoint.
 
     reader = DistCheckpointReader("runs/demo/checkpoints/iter_0000100")
     reader.shape("decoder.layers.self_attention.linear_qkv.weight")   # (L, (nq + 2 ng) hd, H)

@@ -1,4 +1,4 @@
-"""Import a Hugging Face Llama directory as a megatron_ext checkpoint to resume or fine-tune from.
+"""Import a Hugging Face Llama directory as a megatron_ext checkpoint to fine-tune from.
 
     from megatron_ext.convert.from_hf import convert_from_hf
     convert_from_hf("hf/TinyLlama", "runs/tinyllama", tensor_model_parallel_size=2)

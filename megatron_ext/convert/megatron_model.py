@@ -7,7 +7,7 @@ a checkpoint at TP1 and loads its weights through ``dist_checkpointing`` (reshar
 layout wrote it); ``greedy_generate`` decodes with a full forward pass per token.
 
     with single_process_megatron():
-        model = load_checkpoint_model("runs/demo")
+        model, model_cfg = load_checkpoint_model("runs/demo")
         tokens = greedy_generate(model, prompt_ids, num_tokens=32, vocab_size=4096)
 """
 

@@ -16,7 +16,8 @@ from megatron_ext.curation.config import CleaningConfig
 from megatron_ext.curation.text import split_words
 
 # C0/C1 controls except tab and newline, plus invisible format characters that carry no text
-# (zero-width space/joiners are kept: ZWJ/ZWNJ matter in Indic and Persian scripts).
+# (the zero-width space is removed; the zero-width joiner and non-joiner are kept: ZWJ/ZWNJ
+# matter in Indic and Persian scripts).
 _CONTROL_RE = re.compile(
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u2060\ufeff\ufff9-\ufffb\u00ad]"
 )

@@ -10,7 +10,8 @@ How it runs, and why the output does not depend on ``workers``:
    language rules, and for each survivor computes its exact-dedup key, MinHash band keys and
    perplexity. These depend on the document alone.
 3. The driver takes results back in input order, appends survivors to a spill file and their keys
-   to per-document arrays (16 bytes + 8 per band on disk, a few bytes in memory).
+   to per-document arrays (the 16-byte exact key and a few small fields, about 30 bytes per
+   document, in memory; 8 bytes per band on disk).
 4. After the last batch it decides exact duplicates (first occurrence wins), near duplicates
    (first document of each LSH cluster wins) and perplexity removals, then copies the kept
    survivors from the spill file into the output shards, in input order.

@@ -11,9 +11,9 @@ heads, g key/value groups, d head dim, F SwiGLU width, s sequence length, V padd
     output projection     n * d * h
     SwiGLU MLP            3 * h * F          (gate, up, down)
 
-plus the untied output layer ``h * V`` once; embedding lookups, norms, softmax and RoPE are not
-counted. Megatron counts the attention terms over all ``s`` keys although a causal mask makes half
-of them unnecessary; ``FlopsBreakdown.causal_total`` gives the count with the attention terms
+plus the output layer ``h * V`` once (tied or not); embedding lookups, norms, softmax and RoPE are
+not counted. Megatron counts the attention terms over all ``s`` keys although a causal mask makes
+half of them unnecessary; ``FlopsBreakdown.causal_total`` gives the count with the attention terms
 halved. MFU here uses Megatron's (full) count, so it is comparable with Megatron-LM's TFLOP/s.
 """
 

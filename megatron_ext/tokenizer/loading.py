@@ -208,7 +208,7 @@ def _read_hf_config(directory: Path) -> dict:
     return config
 
 
-_MAX_CACHED_WORDS = 150_000  # per dict; both together take about 40 MB
+_MAX_CACHED_WORDS = 150_000  # per dict; both full took about 47 MB (docs/tokenizer_and_data.md)
 _MAX_CACHED_WORD_CHARS = 48
 _SPACE = "\u2581"
 
