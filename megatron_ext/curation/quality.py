@@ -15,10 +15,14 @@ import unicodedata
 from collections import Counter
 
 from megatron_ext.curation.config import QualityConfig
-from megatron_ext.curation.text import UNSPACED_CHARS, normalized_words, split_words
+from megatron_ext.curation.text import (
+    normalized_words,
+    split_words,
+    unspaced_words,
+    without_marks,
+)
 
 _HANGUL_WORD_RE = re.compile("\\S*[\uac00-\ud7af]\\S*")
-_UNSPACED_RE = re.compile(f"[{UNSPACED_CHARS}]")
 _LETTER_RE = re.compile(r"[^\W\d_]")
 _DIGIT_RE = re.compile(r"\d")
 _BULLETS = ("•", "●", "◦", "▪", "‣", "⁃", "∙", "·", "*", "-", "–", "—", "→", "►")
@@ -66,15 +70,22 @@ class QualityFilter:
         cfg = self.config
         num_words = len(words)
         num_chars = sum(map(len, words))
-        # The Gopher length bounds are calibrated on alphabetic scripts: leave out characters of
-        # unspaced scripts (one word each) and Hangul words (a syllable block holds 2-3 letters).
-        num_unspaced = len(_UNSPACED_RE.findall(text))
+        # The Gopher length bounds are calibrated on alphabetic scripts: leave out the words of
+        # unspaced scripts (a character with its marks each) and Hangul words (a syllable block
+        # holds 2-3 letters). Combining marks (Indic vowel signs and viramas) count towards the
+        # lower bound but not the upper one: long words of agglutinative languages written in
+        # abugidas (Malayalam, Tamil) are ordinary text, and neither bound gets stricter.
+        unspaced = unspaced_words(text)
         hangul_words = _HANGUL_WORD_RE.findall(text)
-        num_alphabetic = num_words - num_unspaced - len(hangul_words)
+        num_alphabetic = num_words - len(unspaced) - len(hangul_words)
         if num_alphabetic * 2 > num_words:
-            alphabetic_chars = num_chars - num_unspaced - sum(map(len, hangul_words))
-            mean_length = alphabetic_chars / num_alphabetic
-            if not cfg.min_mean_word_length <= mean_length <= cfg.max_mean_word_length:
+            hangul_chars = sum(map(len, hangul_words))
+            chars = num_chars - sum(map(len, unspaced)) - hangul_chars
+            letters = sum(map(len, without_marks(text).split())) - len(unspaced) - hangul_chars
+            if (
+                chars / num_alphabetic < cfg.min_mean_word_length
+                or letters / num_alphabetic > cfg.max_mean_word_length
+            ):
                 return "mean_word_length"
         symbols = text.count("#") + text.count("...") + text.count("…")
         if symbols / num_words > cfg.max_symbol_word_ratio:

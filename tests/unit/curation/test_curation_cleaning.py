@@ -102,3 +102,30 @@ def test_quality_script_aware_for_cjk_and_hangul():
     for doc in builtin_documents(["zh", "ja", "ko", "hi", "ar"]):
         assert quality.check(doc["text"]) is None, doc
     assert _quality(min_words=50).check("人人生而自由") == "too_few_words"
+
+
+REPETITION_RULES = {f"top_{n}gram_chars" for n in (2, 3, 4)} | {
+    f"duplicate_{n}gram_chars" for n in range(5, 11)
+}
+
+
+def test_quality_keeps_southeast_asian_scripts_and_long_abugida_words():
+    """Thai, Lao, Khmer and Myanmar write vowels and tones as combining marks: a consonant with
+    its marks is one word, not several words without a letter. Malayalam and Tamil words are
+    long in code points because of their vowel signs; the upper length bound counts letters."""
+    from megatron_ext.curation.text import split_words
+
+    assert split_words("ที่นี่") == ["ที่", "นี่"]  # consonant + vowel sign + tone mark, twice
+    assert split_words("ស្រី") == ["ស្", "រី"]  # Khmer: the coeng sign stays with its consonant
+    quality = _quality(min_words=8)
+    reasons = {
+        lang: [quality.check(doc["text"]) for doc in builtin_documents([lang])]
+        for lang in ("th", "lo", "km", "my", "ml", "ta")
+    }
+    for lang, found in reasons.items():
+        # What is left out is repeated character n-grams (docs/curation.md: Limits).
+        assert found.count(None) >= 4, (lang, found)
+        assert {r for r in found if r is not None} <= REPETITION_RULES, (lang, found)
+    # Words of an unmarked script are still held to the upper bound, marks to the lower one.
+    assert _quality().check("abcdefghijkl " * 60) == "mean_word_length"
+    assert _quality().check("\u0915\u0947 " * 60) == "mean_word_length"  # Devanagari "ke": 2
