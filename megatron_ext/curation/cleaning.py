@@ -24,6 +24,10 @@ _CONTROL_RE = re.compile(
 # Runs of horizontal whitespace other than a single plain space (matching every space is slow).
 _SPACE_RUN_RE = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
 _BLANK_RUN_RE = re.compile(r"\n{3,}")
+# ftfy repairs broken encodings (mojibake, HTML entities, Latin ligatures of PDF extractions) and
+# leaves correct text alone: its defaults would also turn CJK fullwidth punctuation and digits into
+# ASCII and straighten curly quotes, which are the text's own spelling.
+_FTFY = ftfy.TextFixerConfig(fix_character_width=False, uncurl_quotes=False, normalization=None)
 
 
 class TextCleaner:
@@ -41,7 +45,7 @@ class TextCleaner:
         if cfg.fix_encoding and not (text.isascii() and "&" not in text):
             # Mojibake needs non-ASCII characters and HTML entities need '&': plain ASCII text
             # skips ftfy, the slowest step. NFC is applied below, not by ftfy.
-            text = ftfy.fix_text(text, normalization=None)
+            text = ftfy.fix_text(text, config=_FTFY)
         if cfg.unicode_normalization != "none":
             text = unicodedata.normalize(cfg.unicode_normalization, text)
         if cfg.remove_control_chars:

@@ -33,6 +33,13 @@ def test_cleaning_repairs_normalises_and_strips():
     assert "text with spaces and\nlines\n\nend" in cleaned
     # Decomposed e + combining acute becomes the single precomposed character.
     assert cleaner.clean("e\u0301t\u00e9") == "\u00e9t\u00e9"
+    # Correct text is left as it is written: CJK fullwidth punctuation and digits, curly quotes.
+    for kept in (
+        "你好，世界！这是（测试）：１２３。",
+        "\u201cQuoted\u201d l\u2019\u00e9t\u00e9 & more",
+    ):
+        assert cleaner.clean(kept) == kept
+    assert cleaner.clean("fish &amp; chips, \ufb01ne") == "fish & chips, fine"
 
 
 def test_cleaning_keeps_zwnj_and_can_be_disabled():
