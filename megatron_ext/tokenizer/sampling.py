@@ -61,9 +61,13 @@ class SampleStats:
         return sum(self.sentences_per_language.values())
 
 
-def language_of(record: dict, lang_key: str) -> str:
-    value = record.get(lang_key)
-    return value if isinstance(value, str) and value.strip() else UNKNOWN_LANGUAGE
+def language_of(record: dict, lang_keys: Sequence[str]) -> str:
+    """The value of the first of ``lang_keys`` the record holds as a non-empty string."""
+    for key in lang_keys:
+        value = record.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return UNKNOWN_LANGUAGE
 
 
 def encoded_size(text: str) -> int | None:
@@ -86,7 +90,7 @@ def scan_corpus(
     paths: Sequence[str],
     *,
     text_key: str,
-    lang_key: str,
+    lang_keys: Sequence[str],
     heldout_fraction: float,
     heldout_bytes_per_language: int,
     report: BadInputReport,
@@ -103,7 +107,7 @@ def scan_corpus(
                 raise BadInputError(rec.path, rec.line_number, "lone_surrogate")
             report.add("lone_surrogate", rec.path, rec.line_number)
             continue
-        lang = language_of(rec.record, lang_key)
+        lang = language_of(rec.record, lang_keys)
         if is_heldout(rec.text, heldout_fraction):
             if scan.heldout_bytes.get(lang, 0) < heldout_bytes_per_language:
                 scan.heldout.setdefault(lang, []).append(rec.text)
@@ -169,7 +173,7 @@ def write_sample(
     *,
     rates: dict[str, float],
     text_key: str,
-    lang_key: str,
+    lang_keys: Sequence[str],
     heldout_fraction: float,
     max_sentence_bytes: int,
     seed: int,
@@ -185,7 +189,7 @@ def write_sample(
         for rec in iter_jsonl(paths, text_key, BadInputReport(), False, max_doc_bytes):
             if encoded_size(rec.text) is None or is_heldout(rec.text, heldout_fraction):
                 continue
-            lang = language_of(rec.record, lang_key)
+            lang = language_of(rec.record, lang_keys)
             rate = rates.get(lang, 0.0)
             copies = math.floor(rate) + (1 if rng.random() < rate - math.floor(rate) else 0)
             if copies == 0:

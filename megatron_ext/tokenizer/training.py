@@ -37,6 +37,7 @@ from megatron_ext.tokenizer.evaluation import compare_tokenizers, format_compari
 from megatron_ext.tokenizer.hf_export import export_hf_tokenizer
 from megatron_ext.tokenizer.loading import SentencePieceTokenizer
 from megatron_ext.tokenizer.sampling import (
+    UNKNOWN_LANGUAGE,
     SampleStats,
     drop_characters,
     rare_characters,
@@ -59,8 +60,10 @@ class TokenizerTrainingConfig:
     """Total ids, special, reserved and byte tokens included. Up to 65,536 fits uint16 datasets."""
     text_key: str = "text"
     """JSON key holding the document text."""
-    lang_key: str = "source_lang"
-    """JSON key holding the language code; records without it count as language 'unknown'."""
+    lang_keys: list[str] = field(default_factory=lambda: ["lang", "source_lang"])
+    """JSON keys of the language code, tried in order (curation writes the identified language as
+    ``lang``; the built-in corpus labels its records ``source_lang``). A record with none of them
+    counts as language 'unknown'."""
     temperature_alpha: float = 0.3
     """Sampling exponent: language shares ~ natural share ** alpha (1 keeps the natural mix)."""
     max_repeat: float = 4.0
@@ -198,7 +201,7 @@ def train_tokenizer(
     scan = scan_corpus(
         paths,
         text_key=cfg.text_key,
-        lang_key=cfg.lang_key,
+        lang_keys=cfg.lang_keys,
         heldout_fraction=heldout_fraction,
         heldout_bytes_per_language=cfg.heldout_bytes_per_language,
         report=report,
@@ -207,15 +210,24 @@ def train_tokenizer(
     )
     if scan.total_train_bytes == 0:
         raise ValueError(f"no usable training text in {paths} ({report.summary()})")
+    if set(scan.train_bytes) == {UNKNOWN_LANGUAGE}:
+        logger.warning(
+            "no training record has a language (keys %s): every record counts as '%s' and the "
+            "languages are not balanced; set lang_keys to the records' language field",
+            cfg.lang_keys,
+            UNKNOWN_LANGUAGE,
+        )
     heldout = scan.heldout
     if heldout_inputs:
         extra = scan_corpus(
             expand_inputs([heldout_inputs] if isinstance(heldout_inputs, str) else heldout_inputs),
             text_key=cfg.text_key,
-            lang_key=cfg.lang_key,
+            lang_keys=cfg.lang_keys,
             heldout_fraction=1.0,
             heldout_bytes_per_language=cfg.heldout_bytes_per_language,
-            report=BadInputReport(),
+            report=report,
+            strict=cfg.strict,
+            max_doc_bytes=cfg.max_doc_bytes,
         )
         heldout = extra.heldout
 
@@ -299,7 +311,7 @@ def _train_one(
         str(sample_path),
         rates=rates,
         text_key=cfg.text_key,
-        lang_key=cfg.lang_key,
+        lang_keys=cfg.lang_keys,
         heldout_fraction=heldout_fraction,
         max_sentence_bytes=cfg.max_sentence_bytes,
         seed=cfg.seed,

@@ -87,14 +87,16 @@ def test_dropped_characters_become_sentence_breaks(tmp_path):
 def test_sample_repeats_small_languages_and_counts_bad_records(tmp_path):
     path = tmp_path / "in.jsonl"
     lines = [json.dumps({"text": f"english text {i}", "source_lang": "en"}) for i in range(20)]
-    lines += [json.dumps({"text": "kiswahili maandishi", "source_lang": "sw"}), "{broken"]
+    # The first key a record has wins: curation's identified language, then a source label.
+    sw = {"text": "kiswahili maandishi", "lang": "sw", "source_lang": "en"}
+    lines += [json.dumps(sw), "{broken"]
     lines += [json.dumps({"text": "no language given"}), json.dumps({"text": "\ud800 x"})]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     report = BadInputReport()
     scan = scan_corpus(
         [str(path)],
         text_key="text",
-        lang_key="source_lang",
+        lang_keys=["lang", "source_lang"],
         heldout_fraction=0.0,
         heldout_bytes_per_language=0,
         report=report,
@@ -108,7 +110,7 @@ def test_sample_repeats_small_languages_and_counts_bad_records(tmp_path):
         str(out),
         rates={"en": 0.5, "sw": 3.0, "unknown": 1.0},
         text_key="text",
-        lang_key="source_lang",
+        lang_keys=["lang", "source_lang"],
         heldout_fraction=0.0,
         max_sentence_bytes=4096,
         seed=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -200,3 +201,18 @@ def test_too_large_vocabulary_for_the_text_is_a_clear_error(tmp_path):
     data.write_text('{"text": "a tiny corpus"}\n' * 5, encoding="utf-8")
     with pytest.raises(ValueError, match="more .*text, or lower vocab_size"):
         train_tokenizer(str(data), tmp_path / "tok", TokenizerTrainingConfig(vocab_size=5000))
+
+
+def test_a_corpus_without_languages_is_trained_unbalanced_with_a_warning(corpus, tmp_path, caplog):
+    rows = [json.loads(line) for line in open(corpus / "train.jsonl", encoding="utf-8")]
+    data = tmp_path / "no_language.jsonl"
+    data.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows), "utf-8")
+    # A broken line in the held-out file is counted with the training input's bad lines.
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text((corpus / "heldout.jsonl").read_text("utf-8") + "{broken\n", "utf-8")
+    cfg = TokenizerTrainingConfig(vocab_size=1500, num_threads=1, compare_unbalanced=False)
+    with caplog.at_level(logging.WARNING):
+        result = train_tokenizer(str(data), tmp_path / "tok", cfg, str(heldout))
+    assert "no training record has a language (keys ['lang', 'source_lang'])" in caplog.text
+    assert set(result.report["sample_bytes"]["balanced"]) == {"unknown"}
+    assert result.report["bad_input"]["counts"] == {"malformed_json": 1}
