@@ -291,7 +291,8 @@ class ShardedJsonlWriter:
 
     A shard is written as ``<name>.tmp`` and renamed to ``<name>`` when it holds
     ``max_records_per_shard`` records or the writer is closed. Leaving a ``with`` block by an
-    exception deletes the unfinished shard. An empty writer produces no file.
+    exception deletes every shard of the writer, finished or not: a part of the shards would look
+    like a complete output to whatever reads them next. An empty writer produces no file.
     """
 
     def __init__(
@@ -347,12 +348,15 @@ class ShardedJsonlWriter:
         return list(self.paths)
 
     def abort(self) -> None:
-        """Drop the unfinished shard (finished shards stay)."""
+        """Delete every shard of this writer, the unfinished one and the finished ones."""
         if self._handle is not None:
             self._handle.close()
             assert self._tmp_path is not None
             self._tmp_path.unlink(missing_ok=True)
             self._handle = None
+        for path in self.paths:
+            Path(path).unlink(missing_ok=True)
+        self.paths = []
         self._closed = True
 
     def __enter__(self) -> ShardedJsonlWriter:

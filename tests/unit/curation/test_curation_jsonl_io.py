@@ -152,13 +152,20 @@ def test_writer_keeps_shard_under_temp_name_until_complete(tmp_path):
     assert os.listdir(tmp_path) == ["part-00000.jsonl"]
 
 
-def test_writer_drops_unfinished_shard_on_error(tmp_path):
+def test_writer_leaves_no_shard_on_error(tmp_path):
+    """A failure part-way (a full disk, a bad record under strict) leaves no shard: the finished
+    ones would pass for the whole output."""
     with pytest.raises(RuntimeError):
         with ShardedJsonlWriter(tmp_path, "part", "gz", 2) as writer:
-            for i in range(3):
+            for i in range(5):
                 writer.write({"text": str(i)})
+            assert sorted(os.listdir(tmp_path)) == [
+                "part-00000.jsonl.gz",
+                "part-00001.jsonl.gz",
+                "part-00002.jsonl.gz.tmp",
+            ]
             raise RuntimeError("boom")
-    assert sorted(os.listdir(tmp_path)) == ["part-00000.jsonl.gz"]
+    assert os.listdir(tmp_path) == [] and writer.paths == []
     with pytest.raises(ValueError, match="compression"):
         ShardedJsonlWriter(tmp_path, "x", "bz2")  # type: ignore[arg-type]
 
