@@ -194,7 +194,12 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[Problem]) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(Problem(key, value, "expected a mapping", "write it as {k: v}"))
-        return dict(value) if isinstance(value, dict) else value
+            return value
+        key_tp, value_tp = args if args else (Any, Any)
+        return {
+            _coerce(key_tp, k, f"{key}.{k}", problems): _coerce(value_tp, v, f"{key}.{k}", problems)
+            for k, v in value.items()
+        }
     if tp is Any:
         return value
     if tp is bool:
@@ -219,7 +224,17 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[Problem]) -> Any:
             return value
         return float(value)
     if tp is str:
-        if not isinstance(value, str):
+        if isinstance(value, bool):
+            problems.append(
+                Problem(
+                    key,
+                    value,
+                    "expected a string; YAML reads an unquoted yes / no / on / off / true / false "
+                    "(the language code `no` too) as a boolean",
+                    "quote it, e.g. 'no'",
+                )
+            )
+        elif not isinstance(value, str):
             problems.append(Problem(key, value, "expected a string", "quote the value"))
         return value
     return value

@@ -184,3 +184,18 @@ def test_unquoted_on_and_off_reach_the_on_off_settings(tmp_path):
     # Elsewhere a boolean is still no string: recompute_granularity has no on / off.
     with pytest.raises(ConfigError, match="model.recompute_granularity"):
         load_config(ExperimentConfig, None, ["--model.recompute_granularity=true"])
+
+
+def test_mapping_keys_and_values_are_checked_like_fields(tmp_path):
+    from megatron_ext.curation.config import CurationConfig
+
+    # YAML reads the unquoted language code `no` (Norwegian) as false: named, not dropped.
+    with pytest.raises(ConfigError) as info:
+        load_config(CurationConfig, None, ["--langid.min_score_per_language={no: 0.9, en: 0.5}"])
+    assert info.value.fields() == ["langid.min_score_per_language.False"]
+    assert "quote it" in info.value.problems[0].fix
+    with pytest.raises(ConfigError) as info:
+        load_config(CurationConfig, None, ["--langid.min_score_per_language={fr: high}"])
+    assert info.value.fields() == ["langid.min_score_per_language.fr"]
+    cfg = load_config(CurationConfig, None, ["--langid.min_score_per_language={'no': 1}"])
+    assert cfg.langid.min_score_per_language == {"no": 1.0}
