@@ -46,6 +46,9 @@ BAD_INPUT_REASONS = (
 
 _SUFFIX = {"none": "", "gz": ".gz", "zst": ".zst"}
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+UTF8_BOM = b"\xef\xbb\xbf"
+"""A byte-order mark at the start of a line (a file saved "with BOM", or such files concatenated)
+marks the encoding and is not part of the JSON: it is dropped, not reported as malformed."""
 
 
 class BadInputError(ValueError):
@@ -233,7 +236,7 @@ def parse_jsonl_line(
     Returns ``(record, text, "")`` for a good record, or ``(None, reason, detail)`` with a reason
     from ``BAD_INPUT_REASONS``. Used by ``iter_jsonl`` and by tools that parse in worker processes.
     """
-    raw = raw.rstrip(b"\r\n")
+    raw = raw.rstrip(b"\r\n").removeprefix(UTF8_BOM)
     if max_doc_bytes is not None and len(raw) > max_doc_bytes:
         return None, "too_large", f"{len(raw)} bytes > max_doc_bytes={max_doc_bytes}"
     if not raw.strip():

@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from megatron_ext.data.jsonl_io import compression_of, open_binary
+from megatron_ext.data.jsonl_io import UTF8_BOM, compression_of, open_binary
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def parse_line(raw: bytes, json_keys: Sequence[str], max_doc_bytes: int | None) 
 
     A record is kept whole or not at all, so the datasets of several keys stay aligned.
     """
-    raw = raw.rstrip(b"\r")
+    raw = raw.rstrip(b"\r").removeprefix(UTF8_BOM)
     if max_doc_bytes is not None and len(raw) > max_doc_bytes:
         raise BadRecord("too_large", f"{len(raw)} bytes > max_doc_bytes={max_doc_bytes}")
     if not raw.strip():

@@ -189,3 +189,11 @@ def test_lone_surrogates_are_bad_input_but_pairs_are_text(tmp_path):
     assert texts == ["emoji \U0001f600 pair", "a literal backslash \\ud800 is text"]
     assert report.counts == {"lone_surrogate": 2}
     assert report.examples[path]["lone_surrogate"] == [1, 2]
+
+
+def test_files_saved_with_a_byte_order_mark_lose_no_record(tmp_path):
+    first = _write_bytes(tmp_path / "a.jsonl", b'\xef\xbb\xbf{"text": "one"}\n{"text": "two"}\n')
+    second = _write_bytes(tmp_path / "b.jsonl.gz", b'\xef\xbb\xbf{"text": "three"}\n')
+    report = BadInputReport()
+    texts = [rec.text for rec in iter_jsonl([first, second], "text", report)]
+    assert texts == ["one", "two", "three"] and report.total == 0

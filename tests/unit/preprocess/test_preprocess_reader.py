@@ -69,3 +69,12 @@ def test_bad_lines_have_a_reason(raw, reason):
 def test_good_lines_give_sentences_per_key():
     raw = json.dumps({"text": "Hello 世界 🙂", "title": ["one", "two"]}).encode()
     assert parse_line(raw + b"\r", ["text", "title"], None) == [["Hello 世界 🙂"], ["one", "two"]]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_record():
+    """Files saved "with BOM" (and such files concatenated) start lines with one."""
+    raw = b'\xef\xbb\xbf{"text": "first line of a file"}'
+    assert parse_line(raw, ["text"], None) == [["first line of a file"]]
+    with pytest.raises(BadRecord) as err:  # a BOM elsewhere is still what it is
+        parse_line(b'{"text": "x"}\xef\xbb\xbf', ["text"], None)
+    assert err.value.reason == "malformed_json"
