@@ -21,7 +21,8 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     """Model chunks per pipeline stage for the interleaved schedule (None: plain 1F1B)."""
     context_parallel_size: int = 1
-    """Context-parallel degree (needs Transformer Engine attention)."""
+    """Context-parallel degree. Only 1 is accepted: the batches and the loss are not cut per
+    context-parallel rank yet (and it needs Transformer Engine attention)."""
     sequence_parallel: bool = False
     """Shard LayerNorm/dropout activations along the sequence across the TP group (needs TP > 1)."""
     use_distributed_optimizer: bool = True
@@ -41,6 +42,17 @@ class ParallelConfig:
         }
         for name, value in degrees.items():
             problems.check(value >= 1, f"parallel.{name}", value, "must be >= 1", "use 1 or more")
+        problems.check(
+            self.context_parallel_size <= 1,
+            "parallel.context_parallel_size",
+            self.context_parallel_size,
+            "context parallelism is not supported: each context-parallel rank would need its own "
+            "slice of every sequence and a loss reduced over the context-parallel group, which "
+            "megatron_ext's batches and loss do not do yet (every rank would train on whole "
+            "sequences as if they were slices)",
+            "use context_parallel_size=1 (tensor, pipeline and data parallelism and activation "
+            "recompute fit the recipe's context of 8,192)",
+        )
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
             problems.check(

@@ -86,6 +86,12 @@ RULES = {
         "parallel.virtual_pipeline_model_parallel_size",
         "pipeline_model_parallel_size >= 2",
     ),
+    "context_parallel_is_refused": (
+        ["--parallel.context_parallel_size=2", "--parallel.tensor_model_parallel_size=1"],
+        8,
+        "parallel.context_parallel_size",
+        "context_parallel_size=1",
+    ),
     "sequence_parallel_needs_tp": (
         ["--parallel.tensor_model_parallel_size=1", "--parallel.sequence_parallel=true"],
         8,
