@@ -89,7 +89,14 @@ def validate_experiment(
     )
     if model_parallel > 0 and world_size % model_parallel == 0:
         try:
-            check_schedule(cfg.schedule, world_size // model_parallel)
+            check_schedule(
+                cfg.schedule,
+                world_size // model_parallel,
+                interleaved_stages=par.pipeline_model_parallel_size
+                if par.virtual_pipeline_model_parallel_size
+                else None,
+                sequence_shards=par.tensor_model_parallel_size if par.sequence_parallel else 1,
+            )
         except ConfigError as exc:
             problems.problems.extend(exc.problems)
     else:

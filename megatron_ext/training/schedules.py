@@ -170,9 +170,21 @@ def step_global_batch_size(cfg: ScheduleConfig, seq_length: int, data_parallel_s
     return (cfg.tokens_per_step // seq_length // multiple) * multiple
 
 
-def check_schedule(cfg: ScheduleConfig, data_parallel_size: int) -> None:
+def check_schedule(
+    cfg: ScheduleConfig,
+    data_parallel_size: int,
+    *,
+    interleaved_stages: int | None = None,
+    sequence_shards: int = 1,
+) -> None:
     """Raise one ConfigError listing every problem, including the batch arithmetic of every
-    sequence length the curriculum will use (checked up front, not at the step it fails)."""
+    sequence length the curriculum will use (checked up front, not at the step it fails).
+
+    ``interleaved_stages``: the pipeline stages when the interleaved schedule runs (virtual
+    pipeline chunks); megatron-core's interleaved schedule needs every step's micro-batch count
+    to be a multiple of them. ``sequence_shards``: the tensor-parallel size under sequence
+    parallelism, which splits every sequence into that many equal parts.
+    """
     problems = ProblemCollector()
     cfg.validate(problems)
     problems.raise_if_any()
@@ -198,13 +210,41 @@ def check_schedule(cfg: ScheduleConfig, data_parallel_size: int) -> None:
         )
     problems.raise_if_any()
     for length in curriculum_lengths(cfg):
+        where = f" (at sequence length {length})" if length != cfg.seq_length else ""
         batch = step_global_batch_size(cfg, length, data_parallel_size)
         try:
-            num_microbatches(batch, cfg.micro_batch_size, data_parallel_size)
+            micro = num_microbatches(batch, cfg.micro_batch_size, data_parallel_size)
         except ConfigError as exc:
             for p in exc.problems:
-                where = f" (at sequence length {length})" if length != cfg.seq_length else ""
                 problems.add(p.field, p.value, p.rule + where, p.fix)
+            break
+        if interleaved_stages is not None and micro % interleaved_stages:
+            problems.add(
+                "schedule.global_batch_size",
+                batch,
+                f"the interleaved pipeline schedule needs a multiple of the {interleaved_stages} "
+                f"pipeline stages micro-batches per step, this step has {micro}{where}",
+                f"make global_batch_size / (micro_batch_size*dp) a multiple of "
+                f"{interleaved_stages} at every length (in tokens mode: a batch_multiple of "
+                f"{cfg.micro_batch_size * data_parallel_size * interleaved_stages}), or drop "
+                "virtual_pipeline_model_parallel_size",
+            )
+            break
+        if length % sequence_shards:
+            if length == cfg.seq_length:
+                field = "schedule.seq_length"
+            elif length == cfg.curriculum.start_seq_length:
+                field = "schedule.curriculum.start_seq_length"
+            else:
+                field = "schedule.curriculum.multiple"
+            problems.add(
+                field,
+                length,
+                f"sequence parallelism splits each sequence into {sequence_shards} equal parts"
+                f"{where}",
+                f"use lengths divisible by {sequence_shards} (a curriculum multiple of "
+                f"{sequence_shards} and a start length divisible by it)",
+            )
             break
     problems.raise_if_any()
 

@@ -92,6 +92,18 @@ RULES = {
         "parallel.context_parallel_size",
         "context_parallel_size=1",
     ),
+    "interleaved_schedule_needs_microbatches_per_stage": (
+        ["--parallel.virtual_pipeline_model_parallel_size=2", "--schedule.global_batch_size=12"],
+        8,
+        "schedule.global_batch_size",
+        "or drop virtual_pipeline_model_parallel_size",
+    ),
+    "sequence_parallel_splits_every_length": (
+        ["--parallel.sequence_parallel=true", "--schedule.curriculum.start_seq_length=63"],
+        8,
+        "schedule.curriculum.start_seq_length",
+        "divisible by 2",
+    ),
     "sequence_parallel_needs_tp": (
         ["--parallel.tensor_model_parallel_size=1", "--parallel.sequence_parallel=true"],
         8,
