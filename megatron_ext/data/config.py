@@ -56,7 +56,8 @@ class DataConfig:
 
     reset_position_ids: bool = False
     """Restart position ids after every end-of-document token (Megatron's
-    ``--reset-position-ids``)."""
+    ``--reset-position-ids``). The batches carry them; a training run refuses the setting, since
+    the model's rotary embeddings do not read position ids (``validate_experiment``)."""
 
     index_cache_dir: str | None = None
     """Directory where the data index (split, per-epoch orders, blended epochs) is written once

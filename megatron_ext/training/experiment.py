@@ -123,6 +123,16 @@ def validate_experiment(
         "use the tokenizer's end-of-document id",
     )
     problems.check(
+        not cfg.data.reset_position_ids,
+        "data.reset_position_ids",
+        cfg.data.reset_position_ids,
+        "the model's rotary embeddings take each token's position from its place in the "
+        "sequence (megatron-core reads position ids only for learned absolute embeddings), so "
+        "reset positions would change nothing that is trained",
+        "set data.reset_position_ids=false (data.eod_mask_loss still keeps a document's first "
+        "token from being predicted from the previous document)",
+    )
+    problems.check(
         cfg.tokenizer.tokenizer_type == "none" or cfg.tokenizer.tokenizer_model is not None,
         "tokenizer.tokenizer_model",
         cfg.tokenizer.tokenizer_model,

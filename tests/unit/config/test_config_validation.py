@@ -104,6 +104,12 @@ RULES = {
         "schedule.curriculum.start_seq_length",
         "divisible by 2",
     ),
+    "reset_positions_do_nothing_under_rope": (
+        ["--data.reset_position_ids=true", "--data.eod_token_id=2"],
+        8,
+        "data.reset_position_ids",
+        "reset_position_ids=false",
+    ),
     "sequence_parallel_needs_tp": (
         ["--parallel.tensor_model_parallel_size=1", "--parallel.sequence_parallel=true"],
         8,
