@@ -27,6 +27,7 @@ training, ``min_lr`` after it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from megatron_ext.config.errors import ConfigError, ProblemCollector
 from megatron_ext.data.batches import BatchRequest, num_microbatches
 from megatron_ext.training.schedule_config import ScheduleConfig
+
+logger = logging.getLogger(__name__)
 
 
 # ---- progress and per-step plan ----------------------------------------------------------------
@@ -327,6 +330,7 @@ def progress_state_dict(
         "consumed_samples": progress.consumed_samples,
         "next_seq_length": None if nxt is None else nxt.seq_length,
         "next_global_batch_size": None if nxt is None else nxt.global_batch_size,
+        "next_lr": lr_for_progress(cfg, progress.step, progress.consumed_tokens),
     }
 
 
@@ -340,7 +344,9 @@ def restore_progress(
     """Progress from ``progress_state_dict`` output; the next batch is then exactly the one the
     saved run would have read. Raises ValueError when the current config would give the next
     step another sequence length or batch size than the saved run (a changed schedule),
-    unless ``allow_schedule_change``."""
+    unless ``allow_schedule_change``; an allowed change that moves the next step's learning rate
+    or sequence length is logged as a warning (the schedule is recomputed from the new settings,
+    not continued from where the saved run was)."""
     missing = [k for k in ("step", "consumed_tokens", "consumed_samples") if k not in state]
     if missing:
         raise ValueError(f"data state lacks {missing}; got keys {sorted(state)}")
@@ -349,9 +355,12 @@ def restore_progress(
         consumed_tokens=int(state["consumed_tokens"]),
         consumed_samples=int(state["consumed_samples"]),
     )
-    if allow_schedule_change or is_done(cfg, progress):
+    if is_done(cfg, progress):
         return progress
     nxt = plan_step(cfg, progress, data_parallel_size)
+    if allow_schedule_change:
+        _warn_moved_schedule(cfg, progress, nxt, state)
+        return progress
     saved = (state.get("next_seq_length"), state.get("next_global_batch_size"))
     if saved != (None, None) and saved != (nxt.seq_length, nxt.global_batch_size):
         raise ValueError(
@@ -361,3 +370,24 @@ def restore_progress(
             "schedule settings or allow the change explicitly"
         )
     return progress
+
+
+def _warn_moved_schedule(
+    cfg: ScheduleConfig, progress: TrainProgress, nxt: StepPlan, state: dict
+) -> None:
+    moved = []
+    saved_lr = state.get("next_lr")
+    lr = lr_for_progress(cfg, progress.step, progress.consumed_tokens)
+    if saved_lr is not None and not math.isclose(lr, saved_lr, rel_tol=1e-3):
+        moved.append(f"learning rate {saved_lr:.4g} -> {lr:.4g}")
+    saved_length = state.get("next_seq_length")
+    if saved_length is not None and saved_length != nxt.seq_length:
+        moved.append(f"sequence length {saved_length} -> {nxt.seq_length}")
+    if moved:
+        logger.warning(
+            "the allowed schedule change moves step %d's %s: warmup, decay and curriculum are "
+            "recomputed from the new settings at step %d, not continued from the saved run's",
+            progress.step + 1,
+            " and ".join(moved),
+            progress.step,
+        )

@@ -4,6 +4,7 @@ on another data-parallel layout too (megatron_ext.data + training.schedules)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -92,3 +93,31 @@ def test_restore_refuses_a_changed_schedule():
     assert restore_progress(changed, state, 1, allow_schedule_change=True).step == 5
     with pytest.raises(ValueError, match="lacks"):
         restore_progress(cfg, {"step": 1}, 1)
+
+
+def test_an_allowed_schedule_change_that_moves_the_lr_says_so(caplog):
+    """Extending a finished cosine run recomputes the decay: the next LR jumps back up."""
+    cfg = _schedule("steps")
+    cfg.curriculum.enabled = False
+    end = TrainProgress(step=30, consumed_tokens=30 * 512)
+    state = json.loads(json.dumps(progress_state_dict(cfg, end, 1)))
+    assert state["next_seq_length"] is None and state["next_lr"] == pytest.approx(cfg.min_lr)
+    longer = _schedule("steps")
+    longer.curriculum.enabled = False
+    longer.train_steps = 300
+    with caplog.at_level(logging.WARNING):
+        restore_progress(longer, state, 1, allow_schedule_change=True)
+    assert f"moves step 31's learning rate {cfg.min_lr:.4g} -> " in caplog.text
+    assert "recomputed from the new settings" in caplog.text
+    # A change that leaves the next step as it was is not worth a warning.
+    caplog.clear()
+    middle = TrainProgress(step=10, consumed_tokens=10 * 512)
+    state = json.loads(json.dumps(progress_state_dict(cfg, middle, 1)))
+    same = _schedule("steps")
+    same.curriculum.enabled = False
+    same.lr_warmup_init = 1e-9  # the warmup is over: nothing the next step sees
+    with caplog.at_level(logging.WARNING):
+        assert restore_progress(same, state, 1, allow_schedule_change=True).step == 10
+        assert caplog.text == ""
+        restore_progress(longer, state, 1, allow_schedule_change=True)
+    assert "moves step 11's learning rate" in caplog.text
