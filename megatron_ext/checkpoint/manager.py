@@ -230,7 +230,9 @@ def load_checkpoint(
         if ctx.rank == 0:
             logger.info("finetuning from the weights of %s; starting at step 0", path)
         return None
-    with _torch_adam_step_hidden(optimizer):
+    # Exits inner first: the configured groups (kernel switches included) are back before the
+    # steps are placed on the device their kernel expects.
+    with _torch_adam_step_hidden(optimizer), _configured_param_groups(optimizer):
         optimizer.load_state_dict(loaded["optimizer"])
     if opt_param_scheduler is not None:
         try:
@@ -359,16 +361,51 @@ def _ensure_optimizer_state(optimizer: Any) -> None:
 
 def torch_adams(optimizer: Any) -> list[torch.optim.Optimizer]:
     """The torch Adam/AdamW instances inside megatron-core's optimizer (none with TE or apex)."""
-    inner = [
-        getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])
+    return [
+        o
+        for o in _inner_optimizers(optimizer)
+        if isinstance(o, torch.optim.Adam | torch.optim.AdamW)
     ]
-    return [o for o in inner if isinstance(o, torch.optim.Adam | torch.optim.AdamW)]
 
 
 def _step_device(group: dict, param: torch.Tensor) -> torch.device:
     """Where torch's Adam keeps ``step``: with the parameter for fused/capturable, else on CPU."""
     on_param = group.get("fused") or group.get("capturable")
     return param.device if on_param else torch.device("cpu")
+
+
+_GROUP_STATE = ("params", "lr", "step")
+"""What a param group holds of the run's state rather than of its configuration."""
+
+
+def _inner_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside megatron-core's (chained) optimizer, of any kind."""
+    inner = [
+        getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])
+    ]
+    return [o for o in inner if isinstance(o, torch.optim.Optimizer)]
+
+
+@contextlib.contextmanager
+def _configured_param_groups(optimizer: Any) -> Iterator[None]:
+    """Keep the configured settings of every param group through a load of optimizer state.
+
+    torch's ``load_state_dict`` replaces the param groups with the checkpoint's, i.e. with the
+    saving run's configuration: everything but the parameters, ``lr`` and ``step`` is put back
+    afterwards. Otherwise a resume would keep the old kernel switches (``fused``, ``foreach``)
+    and undo a change it allowed: megatron-core's scheduler computes the learning rate from each
+    group's ``max_lr`` / ``min_lr``, and AdamW reads ``betas``, ``eps`` and ``weight_decay``
+    there. Without an allowed change the two are equal.
+    """
+    inner = _inner_optimizers(optimizer)
+    configured = [
+        [{k: v for k, v in g.items() if k not in _GROUP_STATE} for g in opt.param_groups]
+        for opt in inner
+    ]
+    yield
+    for opt, groups in zip(inner, configured, strict=True):
+        for group, settings in zip(opt.param_groups, groups, strict=True):
+            group.update(settings)
 
 
 @contextlib.contextmanager
@@ -378,15 +415,10 @@ def _torch_adam_step_hidden(optimizer: Any) -> Iterator[None]:
     Its loader copies every entry of the per-parameter state from the checkpoint, but torch Adam
     keeps a ``step`` entry there that the checkpoint stores in the param groups instead (and
     restores separately), so the copy fails with ``KeyError: 'step'``. While loading, each
-    parameter's ``step`` is set aside around that copy and put back unchanged. Afterwards:
-
-    * the kernel switches (``fused``, ``foreach``) of every param group are the configured ones
-      again: torch's ``load_state_dict`` takes them from the checkpoint, i.e. from the saving
-      run's configuration, which would silently change the update kernel on resume;
-    * every parameter gets its own copy of the restored step, on the device that kernel expects.
+    parameter's ``step`` is set aside around that copy and put back unchanged. Afterwards every
+    parameter gets its own copy of the restored step, on the device its group's kernel expects.
     """
     adams = torch_adams(optimizer)
-    kernels = [[(g.get("fused"), g.get("foreach")) for g in adam.param_groups] for adam in adams]
     patched = []
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         setter = getattr(inner, "_set_main_param_and_optimizer_states", None)
@@ -411,9 +443,8 @@ def _torch_adam_step_hidden(optimizer: Any) -> Iterator[None]:
     finally:
         for inner in patched:
             del inner._set_main_param_and_optimizer_states
-        for adam, groups in zip(adams, kernels, strict=True):
-            for group, (fused, foreach) in zip(adam.param_groups, groups, strict=True):
-                group["fused"], group["foreach"] = fused, foreach
+        for adam in adams:
+            for group in adam.param_groups:
                 for param in group["params"]:
                     state = adam.state.get(param, {})
                     # megatron-core gives every parameter the same ``step`` tensor, and torch's

@@ -271,3 +271,28 @@ def test_resume_follows_the_data_by_content_not_by_path(reference):
     for step in range(11, TRAIN_STEPS + 1):
         assert resumed[step]["loss"] == expected[step]["loss"], step
         assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
+
+
+@pytest.mark.timeout(900)
+def test_an_allowed_change_of_learning_rate_and_adam_settings_takes_effect(reference):
+    """The optimizer's param groups come back from the checkpoint with the saving run's
+    settings; a resume that allows changing them trains with the new ones."""
+    root, data, expected = reference
+    run_g = root / "G"
+    _run_to_end(run_g, data, ("--training.exit_after_steps=10",))
+    lr = yaml.safe_load(CONFIG.read_text())["schedule"]["lr"]
+    changes = (
+        f"--schedule.lr={lr / 2}",
+        "--optimizer.adam_beta2=0.5",
+        "--checkpoint.allow_changes=[schedule.lr,optimizer.adam_beta2]",
+        "--training.exit_after_steps=3",
+    )
+    _run_to_end(run_g, data, changes)
+    resumed = _metrics(run_g)
+    # Peak and floor halved: the whole cosine curve is halved.
+    for step in (11, 12, 13):
+        assert resumed[step]["lr"] == pytest.approx(expected[step]["lr"] / 2, rel=1e-6), step
+    # Step 11 ran on the weights of step 10 either way; its update (half the LR, beta2 = 0.5)
+    # makes step 12 differ from the uninterrupted run.
+    assert resumed[11]["loss"] == expected[11]["loss"]
+    assert resumed[12]["loss"] != expected[12]["loss"]
