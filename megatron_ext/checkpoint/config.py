@@ -31,7 +31,9 @@ class CheckpointConfig:
     load: str | None = None
     """What to resume from. None: the newest complete checkpoint of ``save_dir`` if there is one,
     else start fresh. A path: either a checkpoint directory (``.../iter_0001000``) or a save
-    directory (its ``latest`` is used); it must exist."""
+    directory (its ``latest`` is used); it must exist. A path outside ``save_dir`` is where the
+    run starts: once the run has its own ``latest``, it resumes from that (a restarted job keeps
+    its progress). A path inside ``save_dir`` is always taken."""
 
     keep_last: int | None = None
     """Keep only this many newest complete checkpoints (None keeps all). The checkpoint that
@@ -48,7 +50,8 @@ class CheckpointConfig:
 
     finetune: bool = False
     """Load only the model weights from ``load`` and start a new run at step 0 with a fresh
-    optimizer, LR schedule and data position. Only the ``model`` section must match."""
+    optimizer, LR schedule and data position. Only the ``model`` section must match. Applies to
+    the run's first start, like ``load``."""
 
     optimizer_gather_on_cpu: bool = False
     """Gather the distributed optimizer state for saving over gloo onto data-parallel rank 0

@@ -27,6 +27,7 @@ its outcome is broadcast so every rank returns or raises together.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -193,13 +194,13 @@ def load_checkpoint(
         if ctx.rank == 0:
             logger.info("no checkpoint to resume from; starting a new run")
         return None
-    path = found["path"]
+    path, finetune = found["path"], found["finetune"]
     check_config_change(
         found["config"],
         current_config_dict,
         list(cfg.allow_changes),
         path,
-        only_sections=("model",) if cfg.finetune else None,
+        only_sections=("model",) if finetune else None,
         log=ctx.rank == 0,
         defaults=default_config_dict,
         data=None
@@ -207,14 +208,14 @@ def load_checkpoint(
         else (found["run_state"].get("data"), data_fingerprints),
     )
     same_layout = found["meta"]["layout"] == _layout_dict(ctx)
-    restore_rng = same_layout and not cfg.finetune
+    restore_rng = same_layout and not finetune
     state = _sharded_state(
         model_chunks,
         optimizer,
         opt_param_scheduler,
         ctx,
         is_loading=True,
-        model_only=cfg.finetune,
+        model_only=finetune,
         with_rng=restore_rng,
         gather_on_cpu=cfg.optimizer_gather_on_cpu,
     )
@@ -224,7 +225,7 @@ def load_checkpoint(
         raise CheckpointError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
     for key, chunk in _model_keys(model_chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
-    if cfg.finetune:
+    if finetune:
         # The optimizer's fp32 main weights were built from the initial weights: refresh them.
         optimizer.reload_model_params()
         if ctx.rank == 0:
@@ -513,10 +514,29 @@ def _write_own_files(temp: Path, step: int, ctx: ParallelContext, state_json: st
 
 
 def _locate(cfg: CheckpointConfig, run_dir: Path) -> dict | None:
-    """Rank 0: the checkpoint to resume from, verified, with its metadata, run state and config."""
+    """Rank 0: the checkpoint to resume from, verified, with its metadata, run state and config,
+    and whether it is loaded as a fine-tuning start (``finetune``).
+
+    ``checkpoint.load`` outside the run's own ``save_dir`` (another run, a converted model) is
+    where the run starts; once the run has checkpoints of its own (``latest`` in ``save_dir``),
+    the same command resumes from them, so that a requeued or restarted job keeps its progress
+    instead of starting again from ``load``. ``load`` inside ``save_dir`` (going back to an
+    earlier checkpoint of the run) is always taken as given.
+    """
     save_dir = Path(cfg.resolved_save_dir(run_dir))
     for stale in fs.remove_stale_temp_dirs(save_dir):
         logger.warning("an earlier save was interrupted: removed %s", stale)
+    finetune = cfg.finetune
+    if cfg.load is not None and fs.read_latest(save_dir) is not None:
+        if not _inside(Path(cfg.load), save_dir):
+            logger.warning(
+                "checkpoint.load=%s%s is where this run started; it has checkpoints of its own "
+                "now, and resumes from %s/latest",
+                cfg.load,
+                " (finetune)" if cfg.finetune else "",
+                save_dir,
+            )
+            finetune, cfg = False, dataclasses.replace(cfg, load=None)
     if cfg.load is None:
         path, pointer_dir = _from_latest(save_dir, required=False)
         if path is None:
@@ -551,7 +571,17 @@ def _locate(cfg: CheckpointConfig, run_dir: Path) -> dict | None:
             f"{path / fs.CHECKPOINT_FILE}: format_version {meta.get('format_version')!r}, this "
             f"version reads {FORMAT_VERSION}"
         )
-    return {"path": str(path), "meta": meta, "run_state": run_state, "config": config}
+    return {
+        "path": str(path),
+        "meta": meta,
+        "run_state": run_state,
+        "config": config,
+        "finetune": finetune,
+    }
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
 
 
 def _from_latest(save_dir: Path, required: bool) -> tuple[Path | None, Path]:

@@ -175,6 +175,28 @@ def test_explicit_load_of_save_dir_or_checkpoint(tmp_path, make_checkpoint):
     assert chosen["meta"]["step"] == 10
 
 
+def test_a_run_started_from_load_resumes_from_its_own_checkpoints(
+    tmp_path, make_checkpoint, caplog
+):
+    """A requeued job runs the same command: checkpoint.load (and finetune) named where it
+    started, and it must go on from its own newer checkpoints, not start again."""
+    base = make_checkpoint(tmp_path / "base_model", 500)
+    for finetune in (False, True):
+        cfg = CheckpointConfig(load=str(base), finetune=finetune)
+        first = _locate(cfg, tmp_path / f"run_{finetune}")
+        assert first["path"] == str(base) and first["finetune"] is finetune
+        save_dir = tmp_path / f"run_{finetune}" / "checkpoints"
+        make_checkpoint(save_dir, 4)
+        make_checkpoint(save_dir, 8)
+        with caplog.at_level(logging.WARNING):
+            again = _locate(cfg, tmp_path / f"run_{finetune}")
+        assert again["path"] == str(save_dir / "iter_0000008") and again["finetune"] is False
+        assert "has checkpoints of its own now, and resumes from" in caplog.text
+        # Going back to one of the run's own checkpoints is taken as given.
+        back = _locate(CheckpointConfig(load=str(save_dir / "iter_0000004")), save_dir.parent)
+        assert back["path"] == str(save_dir / "iter_0000004")
+
+
 def test_explicit_load_must_exist(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         _locate(CheckpointConfig(load=str(tmp_path / "nope")), tmp_path)
