@@ -40,6 +40,7 @@ ALWAYS_ALLOWED = (
     "data.pin_memory",
     "data.index_cache_dir",
     "model.compile_layers",
+    "model.make_vocab_size_divisible_by",
     "model.fused_cross_entropy",
     "model.wgrad_fusion",
     "optimizer.fused_adamw",
@@ -49,7 +50,8 @@ ALWAYS_ALLOWED = (
 outputs go, what is logged or evaluated, how long this invocation runs, how batches are read ahead
 or where the data index is kept (the same arrays), and which kernels compute the same step (the
 fast path's switches, the fused AdamW update and its copy into the model's weights agree with the
-plain path to float rounding), never which tokens are trained on or how."""
+plain path to float rounding), never which tokens are trained on or how. The vocabulary padding
+multiple is free because ``check_padded_vocab`` compares what it decides, the padded size."""
 
 _MISSING = "<absent>"
 DATA_PATH = "data.data_path"
@@ -194,3 +196,42 @@ def _rewritten_datasets(
         for i, (then, now) in enumerate(zip(saved, current))
         if then != now
     ]
+
+
+def padded_vocab_rows(model: dict, tp: int) -> int:
+    """Rows of the embedding and output layer of the ``model`` config section at TP ``tp``."""
+    from megatron_ext.models.config import ModelConfig
+
+    fields = ("vocab_size", "make_vocab_size_divisible_by")
+    return ModelConfig(**{k: model[k] for k in fields if k in model}).padded_vocab_size(tp)
+
+
+def check_padded_vocab(saved_rows: int, current_model: dict, tp: int, checkpoint: str) -> None:
+    """Refuse a load whose padded vocabulary differs from the checkpoint's ``saved_rows``.
+
+    The embedding and output layer have ``padded_vocab_size(tp)`` rows, which depends on TP.
+    Loaded under another TP, megatron-core fills missing rows with zeros, and every zero row of
+    the output layer adds ``exp(0)`` to the softmax: the loss shifts. (65,536, the recipe's
+    vocabulary, pads to itself at any TP up to 512.)
+    """
+    rows = padded_vocab_rows(current_model, tp)
+    if rows == saved_rows:
+        return
+    fix = (
+        f"use model.make_vocab_size_divisible_by={saved_rows // tp}, which pads to {saved_rows} "
+        f"rows at TP{tp}"
+        if saved_rows % tp == 0
+        else f"use a tensor-parallel size that divides {saved_rows}"
+    )
+    raise ConfigError(
+        [
+            Problem(
+                "model.make_vocab_size_divisible_by",
+                current_model.get("make_vocab_size_divisible_by"),
+                f"pads the vocabulary of {current_model.get('vocab_size')} to {rows} rows at "
+                f"TP{tp}, the checkpoint {checkpoint} has {saved_rows}; the missing rows would "
+                "load as zeros and join every softmax",
+                fix,
+            )
+        ]
+    )

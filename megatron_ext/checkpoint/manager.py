@@ -43,7 +43,11 @@ import yaml
 
 from megatron_ext.checkpoint import directory as fs
 from megatron_ext.checkpoint.background import BackgroundSaves, save_failed
-from megatron_ext.checkpoint.compatibility import check_config_change
+from megatron_ext.checkpoint.compatibility import (
+    check_config_change,
+    check_padded_vocab,
+    padded_vocab_rows,
+)
 from megatron_ext.checkpoint.config import CheckpointConfig
 from megatron_ext.checkpoint.directory import CheckpointError
 from megatron_ext.checkpoint.rng import capture_rng_state, reseed_rng, restore_rng_state
@@ -207,6 +211,11 @@ def load_checkpoint(
         if data_fingerprints is None
         else (found["run_state"].get("data"), data_fingerprints),
     )
+    if "model" in current_config_dict and "model" in found["config"]:
+        saved_rows = found["meta"].get("padded_vocab_size")
+        if saved_rows is None:  # written before the size was recorded: its layout decided it
+            saved_rows = padded_vocab_rows(found["config"]["model"], found["meta"]["layout"]["tp"])
+        check_padded_vocab(saved_rows, current_config_dict["model"], ctx.layout.tp, path)
     same_layout = found["meta"]["layout"] == _layout_dict(ctx)
     restore_rng = same_layout and not finetune
     state = _sharded_state(
@@ -510,6 +519,8 @@ def _write_own_files(temp: Path, step: int, ctx: ParallelContext, state_json: st
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
     }
+    if "model" in config:
+        meta["padded_vocab_size"] = padded_vocab_rows(config["model"], ctx.layout.tp)
     fs.write_json(temp / fs.CHECKPOINT_FILE, meta)
 
 

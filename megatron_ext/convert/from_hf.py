@@ -15,7 +15,8 @@ Vocabulary padding: megatron-core pads the embedding to a multiple of
 ``make_vocab_size_divisible_by x TP`` and its cross entropy runs over the padded rows. Padded rows
 (zeros) would add ``exp(0)`` terms to every softmax and change the loss, so by default the largest
 power-of-two multiple (at most 128) that needs no padding at ``tensor_model_parallel_size`` is
-chosen; only a vocabulary not divisible by TP gets padded, and that is reported.
+chosen; only a vocabulary not divisible by TP gets padded (to the next multiple of TP), and that
+is reported.
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ _LOCAL_LAYER_NAMES = {
 
 
 def choose_vocab_multiple(vocab_size: int, tensor_model_parallel_size: int) -> int:
-    """Largest power of two <= 128 with ``vocab_size % (multiple * TP) == 0``, else 128."""
-    for multiple in (128, 64, 32, 16, 8, 4, 2, 1):
+    """Largest power of two <= 128 with ``vocab_size % (multiple * TP) == 0``, else 1 (a
+    vocabulary TP does not divide is padded to the next multiple of TP, the fewest zero rows)."""
+    for multiple in (128, 64, 32, 16, 8, 4, 2):
         if vocab_size % (multiple * tensor_model_parallel_size) == 0:
             return multiple
-    return 128
+    return 1
 
 
 def convert_from_hf(
@@ -141,7 +143,7 @@ def convert_from_hf(
         for item in (work / "model").iterdir():
             os.replace(item, work / item.name)
         (work / "model").rmdir()
-        _write_run_files(work, model, source, tokenizer_dir)
+        _write_run_files(work, model, padded, source, tokenizer_dir)
         if ckpt_dir.exists():
             ckpt_dir.rmdir()
         os.replace(work, ckpt_dir)
@@ -220,7 +222,11 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _write_run_files(
-    ckpt_dir: Path, model: ModelConfig, source: Path, tokenizer_dir: str | os.PathLike | None
+    ckpt_dir: Path,
+    model: ModelConfig,
+    padded: int,
+    source: Path,
+    tokenizer_dir: str | os.PathLike | None,
 ) -> None:
     """The files ``megatron_ext.checkpoint`` expects next to the tensors (model only, step 0)."""
     from megatron_ext.checkpoint import directory as ckpt_files
@@ -245,6 +251,7 @@ def _write_run_files(
         "step": 0,
         "layout": {"world_size": 1, "tp": 1, "pp": 1, "cp": 1, "vpp": None},
         "optimizer_sharding": None,
+        "padded_vocab_size": padded,
         "model_only": True,
         "converted_from": str(source.resolve()),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

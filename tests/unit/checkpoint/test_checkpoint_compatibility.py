@@ -234,3 +234,28 @@ def test_finetune_does_not_compare_the_data():
         SAVED, current, [], "x", only_sections=("model",), data=(TRAINED_ON, rewritten)
     )
     assert changes == {}
+
+
+def test_a_load_that_would_pad_the_vocabulary_differently_is_refused():
+    from megatron_ext.checkpoint.compatibility import check_padded_vocab, padded_vocab_rows
+
+    model = {"vocab_size": 2100, "make_vocab_size_divisible_by": 128}
+    assert padded_vocab_rows(model, 1) == 2176 and padded_vocab_rows(model, 2) == 2304
+    check_padded_vocab(2176, model, 1, "x")
+    with pytest.raises(ConfigError) as info:
+        check_padded_vocab(2176, model, 2, "ckpt/iter_1")
+    problem = info.value.problems[0]
+    assert "to 2304 rows at TP2, the checkpoint ckpt/iter_1 has 2176" in problem.rule
+    assert "make_vocab_size_divisible_by=1088" in problem.fix
+    # The value it names pads alike, and changing it is no config change of its own.
+    check_padded_vocab(2176, {**model, "make_vocab_size_divisible_by": 1088}, 2, "x")
+    changed = _changed(model__make_vocab_size_divisible_by=1088)
+    assert set(check_config_change(SAVED, changed, [], "x")) == {
+        "model.make_vocab_size_divisible_by"
+    }
+    # The recipe's 65,536 pads to itself at any TP.
+    recipe = {"vocab_size": 65536, "make_vocab_size_divisible_by": 128}
+    for tp in (1, 2, 4, 8):
+        check_padded_vocab(65536, recipe, tp, "x")
+    with pytest.raises(ConfigError, match="a tensor-parallel size that divides 2101"):
+        check_padded_vocab(2101, {"vocab_size": 2101, "make_vocab_size_divisible_by": 1}, 2, "x")
