@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ext.monitoring.activations import SITES
-from megatron_ext.monitoring.sinks import LAYER_STATS_FILE, METRICS_FILE, read_jsonl
+from megatron_ext.monitoring.sinks import (
+    LAYER_STATS_FILE,
+    METRICS_FILE,
+    latest_run_records,
+    read_jsonl,
+)
 
 
 @dataclass
@@ -199,7 +204,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> PlotRepo
     records, bad = read_jsonl(metrics_path)
     if bad:
         report.bad_lines[METRICS_FILE] = bad
-    records = [r for r in records if isinstance(r.get("step"), int)]
+    # A resumed run appends the steps after its checkpoint again: plot each step once.
+    records = latest_run_records([r for r in records if isinstance(r.get("step"), int)])
     if not records:
         raise ValueError(f"{metrics_path} holds no step records")
     plot_dashboard(records, out / "dashboard.png", run_dir.resolve().name)
@@ -210,7 +216,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> PlotRepo
         layer_records, bad = read_jsonl(layers_path)
         if bad:
             report.bad_lines[LAYER_STATS_FILE] = bad
-        layer_records = [r for r in layer_records if r.get("layers") and "step" in r]
+        layer_records = latest_run_records(
+            [r for r in layer_records if r.get("layers") and isinstance(r.get("step"), int)]
+        )
     if layer_records:
         plot_layers(layer_records, out / "layers.png", run_dir.resolve().name)
         report.written.append(out / "layers.png")

@@ -64,6 +64,22 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
     return records, bad
 
 
+def latest_run_records(records: list[dict]) -> list[dict]:
+    """The records of a file that a resumed run appended to, as one run: a record whose ``step``
+    is below the one before it starts a resumed run, which replaces every earlier record from
+    that step on (the crashed run's steps after its last checkpoint were done again)."""
+    kept: list[dict] = []
+    last = None
+    for record in records:
+        step = record.get("step")
+        if isinstance(step, int) and last is not None and step < last:
+            kept = [r for r in kept if not (isinstance(r.get("step"), int) and r["step"] >= step)]
+        if isinstance(step, int):
+            last = step
+        kept.append(record)
+    return kept
+
+
 def scalar_items(record: dict[str, Any]) -> dict[str, float]:
     """The numeric (int, float, bool) entries of a record, as floats."""
     return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
