@@ -155,6 +155,13 @@ class TrainingMonitor:
             if loss_scale != 1.0:
                 self._grad_sq /= float(loss_scale) ** 2
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the monitor: the stability guard's windows and counters."""
+        return {"stability": self.guard.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.guard.load_state_dict(state["stability"])
+
     def check_step(
         self, step: int, loss: float | None, grad_norm: float | None, found_inf: bool = False
     ) -> Decision:

@@ -111,6 +111,26 @@ class StabilityGuard:
             self.num_skipped += 1
         return decision
 
+    def state_dict(self) -> dict:
+        """The spike windows and counters (plain floats and ints): a checkpoint stores them, so a
+        resumed run detects spikes from its first step and counts skips on, as if never stopped."""
+        return {
+            "loss_window": list(self.loss.values),
+            "grad_norm_window": list(self.grad_norm.values),
+            "consecutive_skips": self.consecutive_skips,
+            "num_skipped": self.num_skipped,
+            "num_spikes": self.num_spikes,
+            "num_nonfinite": self.num_nonfinite,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict`` output; windows keep their newest values if the configured
+        window is now shorter."""
+        self.loss.values.extend(float(v) for v in state["loss_window"])
+        self.grad_norm.values.extend(float(v) for v in state["grad_norm_window"])
+        for name in ("consecutive_skips", "num_skipped", "num_spikes", "num_nonfinite"):
+            setattr(self, name, int(state[name]))
+
     def _local_decision(
         self, loss: float | None, grad_norm: float | None, found_inf: bool
     ) -> Decision:

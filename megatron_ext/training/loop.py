@@ -77,6 +77,8 @@ class _Run:
     progress: TrainProgress
     data_fingerprints: list[dict]
     """What each dataset holds (``data.fingerprint``): saved with every checkpoint."""
+    monitor_state: dict | None
+    """The checkpoint's monitor state (None: a new run, or a checkpoint without one)."""
 
 
 def train(cfg: ExperimentConfig) -> TrainSummary:
@@ -131,7 +133,10 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
         )
         if ctx.rank == 0:
             logger.info("resumed at step %d (%d tokens)", progress.step, progress.consumed_tokens)
-    return _Run(ctx, ddp_chunks, optimizer, scheduler, streams, progress, fingerprints)
+    monitor_state = None if run_state is None else run_state.get("monitor")
+    return _Run(
+        ctx, ddp_chunks, optimizer, scheduler, streams, progress, fingerprints, monitor_state
+    )
 
 
 def _data_fingerprints(cfg: ExperimentConfig, ctx: ParallelContext) -> list[dict]:
@@ -197,6 +202,8 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
     monitor = TrainingMonitor(
         cfg.monitoring, Path(cfg.run_dir), ctx, run.model, cfg.model, run_config=to_dict(cfg)
     )
+    if run.monitor_state is not None:
+        monitor.load_state_dict(run.monitor_state)
     preemption = PreemptionHandler()
     eval_batches = _eval_batches(cfg, run)
     progress = run.progress
@@ -254,7 +261,7 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
             if background is not None:
                 background.finalize_finished()
             if _checkpoint_due(cfg, step) or preempted or at_exit:
-                _save(cfg, run, progress, background)
+                _save(cfg, run, progress, monitor, background)
             if stop is not None:
                 stopped_by = stop
                 break
@@ -319,11 +326,16 @@ def _stop_reason(cfg, monitor, preemption, ctx, step: int, start_step: int) -> s
 
 
 def _save(
-    cfg: ExperimentConfig, run: _Run, progress: TrainProgress, background: BackgroundSaves | None
+    cfg: ExperimentConfig,
+    run: _Run,
+    progress: TrainProgress,
+    monitor: TrainingMonitor,
+    background: BackgroundSaves | None,
 ) -> None:
     run_state = {
         "progress": progress_state_dict(cfg.schedule, progress, run.ctx.layout.dp),
         "data": run.data_fingerprints,
+        "monitor": monitor.state_dict(),
     }
     save_checkpoint(
         cfg.checkpoint,

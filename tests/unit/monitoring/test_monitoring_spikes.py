@@ -114,3 +114,29 @@ def test_config_validation_collects_every_problem():
     assert problems.problems == []
     with pytest.raises(ConfigError):
         from_dict(MonitoringConfig, {"on_nonfinite": "log"})
+
+
+def test_a_restored_guard_decides_as_the_uninterrupted_one():
+    """A checkpoint holds the guard's windows and counters (JSON): after a resume a spike is
+    caught at once and skips in a row keep counting, as without the restart."""
+    import json
+
+    values = [(3.0, 1.0), (3.1, 1.1), (2.9, 0.9), (math.nan, 1.0), (3.0, 1.0), (math.nan, 1.0)]
+    after = [(math.nan, 1.0), (9.0, 1.0), (3.0, 6.0), (3.0, 1.0)]
+    uninterrupted = _guard(on_spike="skip", on_nonfinite="skip", max_consecutive_skips=2)
+    stopped = _guard(on_spike="skip", on_nonfinite="skip", max_consecutive_skips=2)
+    for loss, norm in values:
+        uninterrupted.decide(loss, norm, agree=False)
+        stopped.decide(loss, norm, agree=False)
+    resumed = _guard(on_spike="skip", on_nonfinite="skip", max_consecutive_skips=2)
+    resumed.load_state_dict(json.loads(json.dumps(stopped.state_dict())))
+    fresh = _guard(on_spike="skip", on_nonfinite="skip", max_consecutive_skips=2)
+    expected = [uninterrupted.decide(loss, norm, agree=False) for loss, norm in after]
+    assert [resumed.decide(loss, norm, agree=False) for loss, norm in after] == expected
+    assert expected[0].action == "stop"  # the skip before the checkpoint counts
+    assert "loss spike" in expected[1].reason and "grad_norm spike" in expected[2].reason
+    # Without the state the run would not have stopped nor caught the loss spike.
+    assert [fresh.decide(loss, norm, agree=False).action for loss, norm in after] != [
+        d.action for d in expected
+    ]
+    assert resumed.state_dict() == uninterrupted.state_dict()
