@@ -42,6 +42,20 @@ class TrainingConfig:
     exit_after_steps: int | None = None
     """Stop (with a checkpoint) after this many steps in this invocation; for time-limited jobs."""
 
+    def validate(self, problems: ProblemCollector) -> None:
+        for name in ("eval_interval", "eval_iters"):
+            value = getattr(self, name)
+            problems.check(
+                value >= 0, f"training.{name}", value, "must be >= 0", "use 0 to turn it off"
+            )
+        problems.check(
+            self.exit_after_steps is None or self.exit_after_steps >= 1,
+            "training.exit_after_steps",
+            self.exit_after_steps,
+            "must be at least 1 (the run stops after that many steps)",
+            "use null to run to the end",
+        )
+
 
 @dataclass(kw_only=True)
 class ExperimentConfig:
@@ -82,6 +96,7 @@ def validate_experiment(
     cfg.data.validate(problems, check_files=check_files)
     cfg.checkpoint.validate(problems)
     cfg.monitoring.validate(problems)
+    cfg.training.validate(problems)
     model_parallel = (
         par.tensor_model_parallel_size
         * par.pipeline_model_parallel_size

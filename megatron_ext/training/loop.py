@@ -356,6 +356,17 @@ def _eval_batches(cfg: ExperimentConfig, run: _Run) -> list | None:
     if run.streams.valid is None or cfg.training.eval_iters <= 0:
         return None
     ctx = run.ctx
+    needed = cfg.training.eval_iters * cfg.schedule.global_batch_size * cfg.schedule.seq_length
+    held = sum(s.num_tokens for s in run.streams.valid.sources)
+    if needed > held and ctx.rank == 0:
+        logger.warning(
+            "the validation batches take %d tokens but the validation split holds %d: they "
+            "repeat its documents (%.1f times); lower training.eval_iters or give data.split a "
+            "larger validation part",
+            needed,
+            held,
+            needed / held,
+        )
     return get_eval_batches(
         run.streams.valid,
         cfg.training.eval_iters,

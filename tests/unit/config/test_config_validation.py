@@ -110,6 +110,13 @@ RULES = {
         "data.reset_position_ids",
         "reset_position_ids=false",
     ),
+    "exit_after_steps_at_least_one": (
+        ["--training.exit_after_steps=0"],
+        8,
+        "training.exit_after_steps",
+        "null to run to the end",
+    ),
+    "eval_iters_non_negative": (["--training.eval_iters=-1"], 8, "training.eval_iters", "0 to"),
     "sequence_parallel_needs_tp": (
         ["--parallel.tensor_model_parallel_size=1", "--parallel.sequence_parallel=true"],
         8,

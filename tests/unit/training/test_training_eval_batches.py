@@ -70,3 +70,20 @@ def test_validation_batches_take_the_datas_loss_mask_and_positions(tmp_path):
         for from_loader, from_eval in zip(step, batches[0]):
             for key in from_loader:
                 assert np.array_equal(from_loader[key], from_eval[key]), key
+
+
+def test_validation_batches_larger_than_the_split_are_reported(tmp_path, caplog):
+    import logging
+
+    cfg, run = _run(tmp_path, eod_mask_loss=False, reset_position_ids=False)
+    held = sum(s.num_tokens for s in run.streams.valid.sources)
+    per_batch = cfg.schedule.global_batch_size * cfg.schedule.seq_length
+    with caplog.at_level(logging.WARNING):
+        cfg.training.eval_iters = held // per_batch
+        loop._eval_batches(cfg, run)
+        assert "validation" not in caplog.text
+        cfg.training.eval_iters = held // per_batch + 1
+        loop._eval_batches(cfg, run)
+    assert f"take {cfg.training.eval_iters * per_batch} tokens but the validation split holds " in (
+        caplog.text
+    )
