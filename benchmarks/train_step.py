@@ -16,6 +16,12 @@ are the comparison, run first at every shape; the rest are attributions, run sha
   hf_eager            transformers LlamaForCausalLM, SDPA attention, bf16 autocast, fused AdamW
   hf_liger            the same after Liger Kernel's apply_liger_kernel_to_llama (when importable)
   hf_compile          the same as hf_eager under torch.compile
+  hf_compile_causal   hf_compile with SDPA's causal flag: under torch.compile (torch < 2.14)
+                      transformers builds the full [s, s] causal mask and passes it to SDPA,
+                      which then cannot use its flash kernel (hf_compile's attention took 3.3x
+                      hf_eager's time in the 2026-11-27 runs); a registered attention function
+                      drops the mask, as eager transformers itself does. A stronger baseline,
+                      a few lines for a user
   megatron_ext_megatron_grad_ops  megatron_ext with megatron-core's local gradient norm and
                       clip fallbacks and the clip before the update (attribution)
   megatron_ext_wgrad_fusion  megatron_ext with model.wgrad_fusion=on: the weight-gradient GEMMs
@@ -38,7 +44,8 @@ are the comparison, run first at every shape; the rest are attributions, run sha
   megatron_ext_compile_only   compiled layers, megatron-core's cross-entropy (attribution)
   megatron_ext_loss_only      chunked cross-entropy, eager layers (attribution)
 
-Reported per run: tokens/s, TFLOP/s and MFU against ``--peak-tflops`` (989, H100 SXM bf16 dense)
+Reported per run: tokens/s, TFLOP/s and MFU against the card's dense bf16 peak (``--peak-tflops``
+overrides; 989 for an H100 SXM)
 with Megatron-LM's FLOP count (``num_floating_point_operations``: GEMMs of attention, SwiGLU MLP and
 logits, attention scores not halved for causality, no embedding lookup) and with ``6 N + 12 L h s``
 per token (the count behind earlier published percentages), peak allocated and reserved memory, and
@@ -137,6 +144,7 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
     "hf_eager": (0, "hf", {}, 25.0),
     "hf_liger": (0, "hf", {"liger": True}, 25.0),
     "hf_compile": (0, "hf", {"compile": True}, 70.0),
+    "hf_compile_causal": (0, "hf", {"compile": True, "causal_flag": True}, 70.0),
     "megatron_ext_megatron_grad_ops": (1, "megatron_ext", {"megatron_grad_ops": True}, 40.0),
     "megatron_ext_split_layers": (1, "megatron_ext", {"stock_row_linear": True}, 45.0),
     "megatron_ext_loss_read_first": (2, "megatron_ext", {"wait_before_grad_prep": True}, 40.0),
@@ -177,7 +185,7 @@ STEP_SETTINGS = (
 # hf_eager first: the first job on a fresh machine ran with more GPU idle time than the same job
 # later (24 against 7.5 ms per step, 2026-11-27), and hf_eager is never the fastest variant.
 DEFAULT_VARIANTS = (
-    "hf_eager,megatron_ext,hf_liger,hf_compile,megatron_ext_wgrad_fusion,"
+    "hf_eager,megatron_ext,hf_liger,hf_compile,hf_compile_causal,megatron_ext_wgrad_fusion,"
     "megatron_ext_split_layers,megatron_ext_megatron_grad_ops,megatron_ext_separate_param_copy,"
     "megatron_ext_plain,megatron_ext_foreach_adamw"
 )
@@ -361,6 +369,9 @@ def _hf_step_fn(model: dict, settings: dict, shape: Shape, device: str):
         apply_liger_kernel_to_llama()
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    attention = "sdpa"
+    if settings.get("causal_flag"):
+        attention = _register_causal_sdpa()
     config = LlamaConfig(
         vocab_size=model["vocab_size"],
         hidden_size=model["hidden_size"],
@@ -371,7 +382,7 @@ def _hf_step_fn(model: dict, settings: dict, shape: Shape, device: str):
         max_position_embeddings=shape.seq_length,
         tie_word_embeddings=False,
         use_cache=False,
-        attn_implementation="sdpa",
+        attn_implementation=attention,
     )
     torch.manual_seed(1234)
     with torch.device(device):  # initialise on the device: 1.1B parameters are slow on a CPU
@@ -395,6 +406,22 @@ def _hf_step_fn(model: dict, settings: dict, shape: Shape, device: str):
         return float(loss.item())
 
     return step
+
+
+def _register_causal_sdpa() -> str:
+    """Register transformers' SDPA attention without its mask (``is_causal=True`` instead) as
+    ``sdpa_causal``; training on unpadded sequences, the mask is the causal one, which SDPA's flag
+    gives with the flash kernel. Returns the implementation's name."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+    AttentionInterface.register("sdpa_causal", causal_sdpa)
+    AttentionMaskInterface.register("sdpa_causal", sdpa_mask)
+    return "sdpa_causal"
 
 
 def _memory_config(path: str):
@@ -451,7 +478,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     except torch.cuda.OutOfMemoryError as error:
         record.update(status="oom", error=str(error).splitlines()[0][:300])
         return record
-    record.update(_measurements(model, shape, times, losses, args.peak_tflops, device))
+    record["peak_tflops"] = args.peak_tflops or peak_tflops_of(record["card"])
+    record.update(_measurements(model, shape, times, losses, record["peak_tflops"], device))
     from megatron_ext.models.fast_path import compile_counts
 
     record.update(compile_counts())
@@ -494,8 +522,11 @@ def _measurements(model, shape, times, losses, peak_tflops, device) -> dict:
 def _available(name: str) -> str | None:
     """None when the variant can run here, else why not."""
     if VARIANTS[name][2].get("liger") and importlib.util.find_spec("liger_kernel") is None:
-        return "liger_kernel is not installed"
+        return LIGER_MISSING
     return None
+
+
+LIGER_MISSING = "liger_kernel is not installed"
 
 
 def _versions() -> dict:
@@ -511,6 +542,15 @@ def _versions() -> dict:
     return out
 
 
+def peak_tflops_of(card: str) -> float:
+    """Dense bf16 TFLOP/s of the card the worker ran on (``monitoring.flops``' table), or the
+    H100 SXM's where the card is not in it (a CPU smoke run)."""
+    from megatron_ext.monitoring.flops import lookup_peak_flops
+
+    peak = lookup_peak_flops(card)
+    return peak / 1e12 if peak else H100_BF16_DENSE_TFLOPS
+
+
 def _card(device: str) -> str:
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -523,7 +563,9 @@ def _run_one(args, job: dict, timeout_s: float) -> dict:
         out_file = Path(tmp) / "result.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--result-file", str(out_file)]
         command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-        command += ["--peak-tflops", str(args.peak_tflops), "--fp8", args.fp8]
+        if args.peak_tflops:
+            command += ["--peak-tflops", str(args.peak_tflops)]
+        command += ["--fp8", args.fp8]
         command += ["--profile-steps", str(args.profile_steps)]
         if job["variant"] == "recipe_memory":
             command += ["--memory-config", args.memory_config]
@@ -637,7 +679,8 @@ def _report(args, results: list[dict], total_s: float) -> dict:
         "settings": {
             "steps": args.steps,
             "warmup": args.warmup,
-            "peak_tflops": args.peak_tflops,
+            "peak_tflops": args.peak_tflops
+            or next((r["peak_tflops"] for r in results if "peak_tflops" in r), None),
             "model": MODEL_TINY if args.tiny else MODEL_1B,
             "dtype": "bf16" if torch.cuda.is_available() and not args.cpu else "fp32",
             "fp8": args.fp8,
@@ -648,11 +691,18 @@ def _report(args, results: list[dict], total_s: float) -> dict:
     }
 
 
+BASELINES = ("hf_eager", "hf_compile", "hf_compile_causal", "hf_liger")
+"""The Hugging Face variants the best baseline is taken from; a target is only read where each
+of them ran (``hf_liger`` is excused where Liger Kernel is not installed)."""
+
+
 def compute_ratios(results: list[dict]) -> dict:
-    """Per shape: the fastest Hugging Face variant, and each variant's tokens/s ratio to it."""
+    """Per shape: the fastest Hugging Face variant, each variant's tokens/s ratio to it, and the
+    baselines that did not run there (``missing_baselines``: name -> why)."""
     ratios = {}
     for shape in dict.fromkeys(r["shape"] for r in results):
-        done = [r for r in results if r["shape"] == shape and r["status"] == "ok"]
+        here = [r for r in results if r["shape"] == shape]
+        done = [r for r in here if r["status"] == "ok"]
         hf = [r for r in done if r["variant"].startswith("hf_")]
         if not hf:
             continue
@@ -663,8 +713,23 @@ def compute_ratios(results: list[dict]) -> dict:
             "ratio_to_best_hf": {
                 r["variant"]: round(r["tokens_per_s"] / best["tokens_per_s"], 3) for r in done
             },
+            "missing_baselines": _missing_baselines(here),
         }
     return ratios
+
+
+def _missing_baselines(results: list[dict]) -> dict[str, str]:
+    status = {r["variant"]: r for r in results}
+    missing = {}
+    for name in BASELINES:
+        result = status.get(name)
+        if result is None:
+            missing[name] = "not run"
+        elif result["status"] != "ok":
+            if name == "hf_liger" and result.get("error") == LIGER_MISSING:
+                continue
+            missing[name] = result["status"]
+    return missing
 
 
 TARGET_RATIO = 1.25
@@ -676,8 +741,14 @@ DEFAULT_CANDIDATES = ("megatron_ext", "megatron_ext_wgrad_fusion")
 
 def target_lines(ratios: dict, target: float = TARGET_RATIO) -> list[str]:
     """One line per measured candidate: its ratio at every shape of the run, and whether it
-    reaches ``target`` at all of them (a shape where it did not run counts as missed)."""
+    reaches ``target`` at all of them (a shape where it did not run counts as missed). Where a
+    baseline did not run, the best Hugging Face number is unknown: no ratio there reaches."""
     lines = []
+    missing = {
+        f"{name} at {shape} ({why})"
+        for shape, r in ratios.items()
+        for name, why in r.get("missing_baselines", {}).items()
+    }
     for variant in DEFAULT_CANDIDATES:
         per_shape = {shape: r["ratio_to_best_hf"].get(variant) for shape, r in ratios.items()}
         if all(value is None for value in per_shape.values()):
@@ -687,8 +758,11 @@ def target_lines(ratios: dict, target: float = TARGET_RATIO) -> list[str]:
             f"{shape} {'not measured' if value is None else f'{value:.3f}x'}"
             for shape, value in per_shape.items()
         )
-        verdict = "reaches" if reached else "misses"
-        lines.append(f"{variant}: {shapes}: {verdict} {target}x at every shape")
+        if reached and missing:
+            verdict = f"not comparable to {target}x: no result of " + ", ".join(sorted(missing))
+        else:
+            verdict = f"{'reaches' if reached else 'misses'} {target}x at every shape"
+        lines.append(f"{variant}: {shapes}: {verdict}")
     return lines
 
 
@@ -804,7 +878,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak for MFU (default: the card's, from monitoring.flops; 989 for an "
+        "unknown card)",
+    )
     parser.add_argument("--memory-config", default=None, help="experiment YAML to measure")
     parser.add_argument(
         "--fp8",

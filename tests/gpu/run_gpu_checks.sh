@@ -8,7 +8,8 @@
 # "--tiny --cpu --shapes 32x2 --steps 2 --warmup 1").
 # In priority order it runs
 #   1. the training-step benchmark (benchmarks/train_step.py): megatron_ext's default path, the
-#      Hugging Face baselines (eager, Liger Kernel, torch.compile) and the candidate for the
+#      Hugging Face baselines (eager, Liger Kernel, torch.compile, torch.compile with SDPA's
+#      causal flag) and the candidate for the
 #      default (weight gradients into main_grad) at 4,096 x 2 and 8,192 x 1, then shape by shape
 #      the attributions (megatron_ext with the stock RowParallelLinear, i.e. the compiled layers
 #      in pieces; with megatron-core's gradient norm and clip; with the fast path off; with
