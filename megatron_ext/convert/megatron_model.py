@@ -36,7 +36,8 @@ def single_process_megatron(seed: int = 1234) -> Iterator[None]:
             "a process group already exists; run the conversion outside a distributed job"
         )
     from megatron_ext.parallel.cpu_compat import is_cpu_compat_installed, uninstall_cpu_compat
-    from megatron_ext.parallel.init import destroy_parallel, find_free_port, initialize_parallel
+    from megatron_ext.parallel.init import destroy_parallel, initialize_parallel
+    from megatron_ext.parallel.ports import find_free_port
 
     saved_env = {key: os.environ.get(key) for key in _ENV_KEYS}
     had_compat = is_cpu_compat_installed()

@@ -39,6 +39,7 @@ from megatron_ext.launch.layout import (
     config_path_from_args,
     read_parallel_layout,
 )
+from megatron_ext.parallel.ports import find_free_port
 
 # torchrun handles SIGTERM,SIGINT,SIGHUP,SIGQUIT by default; anything else (SLURM's usual
 # preemption warning, SIGUSR1) kills torchrun outright and orphans its workers, which run in their
@@ -266,11 +267,15 @@ def main(argv: list[str] | None = None) -> int:
             spec = spec_from_slurm(environ, train_args, nproc, nproc_reason, port, args.entry)
         else:
             host, _, endpoint_port = (args.rdzv_endpoint or "127.0.0.1").partition(":")
+            if not (endpoint_port or port):
+                # One node of its own: a free port, so that two jobs on one machine (two 4-GPU
+                # jobs on an 8-GPU node) do not both take 29500.
+                port = DEFAULT_PORT if args.rdzv_endpoint else find_free_port()
             spec = LaunchSpec(
                 nnodes=args.nnodes,
                 nproc_per_node=nproc,
                 rdzv_host=host,
-                rdzv_port=int(endpoint_port or port or DEFAULT_PORT),
+                rdzv_port=int(endpoint_port or port),
                 rdzv_id=args.rdzv_id or environ.get("SLURM_JOB_ID", "megatron_ext"),
                 train_args=train_args,
                 entry=args.entry,
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     "nproc_per_node": nproc_reason,
                     "rendezvous": "given"
                     if args.rdzv_endpoint
-                    else "this machine (one node, no --rdzv-endpoint)",
+                    else "this machine, a free port (one node, no --rdzv-endpoint)",
                 },
             )
         spec.shutdown_timeout = args.shutdown_timeout

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from megatron_ext.parallel.init import find_free_port
+from megatron_ext.parallel.ports import find_free_port
 
 
 def _entry(local_rank: int, fn, args, world_size: int, port: int, out_dir: str, env: dict) -> None:

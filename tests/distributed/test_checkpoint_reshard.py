@@ -163,7 +163,7 @@ def _full_tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
 def resharded_runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    from megatron_ext.parallel.init import find_free_ports
+    from megatron_ext.parallel.ports import find_free_ports
 
     root = tmp_path_factory.mktemp("reshard")
     ports = find_free_ports(len(PHASES))

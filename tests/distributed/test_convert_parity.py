@@ -291,7 +291,7 @@ def runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
     from megatron_ext.convert.from_hf import convert_from_hf
-    from megatron_ext.parallel.init import find_free_ports
+    from megatron_ext.parallel.ports import find_free_ports
     from megatron_ext.tokenizer.loading import SentencePieceTokenizer
 
     root = tmp_path_factory.mktemp("convert")

@@ -203,7 +203,7 @@ def worker(rank: int, ports: list[int], root: str) -> None:
 def parity_runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    from megatron_ext.parallel.init import find_free_ports
+    from megatron_ext.parallel.ports import find_free_ports
 
     root = tmp_path_factory.mktemp("monitoring_parity")
     ports = find_free_ports(2)

@@ -151,7 +151,7 @@ def worker(rank: int, port: int, root: str) -> None:
 def demo_run(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    from megatron_ext.parallel.init import find_free_port
+    from megatron_ext.parallel.ports import find_free_port
 
     root = tmp_path_factory.mktemp("monitoring_demo")
     mp.spawn(worker, args=(find_free_port(), str(root)), nprocs=2, join=True)

@@ -83,7 +83,8 @@ def test_slurm_script_dry_run_four_nodes_of_eight_gpus(tmp_path):
         assert opts["rdzv-endpoint"] == "h100-07:29837"
         assert opts["rdzv-id"] == "31337"
         assert argv[argv.index("-m") + 1] == "megatron_ext.train"
-        assert argv[-1] == "--run_dir=runs/megatron_ext-31337"
+        # No run directory of the script's own: the config's decides, for every submission.
+        assert argv[-2:] == ["--config", str(config)]
     out = result.stdout
     hosts = ["h100-07", "h100-08", "h100-09", "h100-12"]
     for rank, host in enumerate(hosts):
@@ -94,6 +95,7 @@ def test_slurm_script_dry_run_four_nodes_of_eight_gpus(tmp_path):
     assert out.count("export CUDA_DEVICE_MAX_CONNECTIONS=1") == 4
     assert out.count("WARNING: mlx5_3:1 (InfiniBand) is DOWN") == 4
     assert "# would run: srun --ntasks-per-node=1" in out
+    assert "# run directory: the config's run_dir" in out
     assert not (tmp_path / "logs").exists()  # nothing created, nothing started
 
 
@@ -114,7 +116,12 @@ def test_single_node_script_dry_run_on_this_machine(tmp_path):
     (argv,) = torchrun_lines(result.stdout)
     opts = options(argv)
     assert opts["nnodes"] == "1" and opts["node-rank"] == "0"
-    assert opts["rdzv-endpoint"] == "127.0.0.1:29500"
+    # A free port of this machine, drawn below the ephemeral range (29500 could be another job's).
+    host, port = opts["rdzv-endpoint"].split(":")
+    from megatron_ext.parallel.ports import EPHEMERAL_RANGE_FILE, LISTEN_PORTS_BELOW
+
+    low = int(Path(EPHEMERAL_RANGE_FILE).read_text().split()[0])
+    assert host == "127.0.0.1" and low - LISTEN_PORTS_BELOW <= int(port) < low
     assert "export OMP_NUM_THREADS=3  # [user] set in your environment" in result.stdout
 
 

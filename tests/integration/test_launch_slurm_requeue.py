@@ -30,6 +30,12 @@ echo "$@" >> "$RECORD/scontrol_calls"
 
 
 def start_batch(tmp_path: Path) -> subprocess.Popen:
+    """The batch script as SLURM runs it: a copy in slurmd's spool directory, started in the
+    submission directory (``SLURM_SUBMIT_DIR``), which holds the repository."""
+    spool = tmp_path / "spool" / "job555"
+    spool.mkdir(parents=True)
+    script = spool / "slurm_script"
+    script.write_text((REPO / "launch" / "slurm_multi_node.sbatch").read_text())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -44,9 +50,11 @@ def start_batch(tmp_path: Path) -> subprocess.Popen:
         SLURM_JOB_NODELIST="gpu[01-02]",
         SLURM_JOB_NAME="exp",
         SLURM_CPUS_PER_TASK="32",
+        SLURM_SUBMIT_DIR=str(REPO),
+        RUN_DIR="runs/exp1",
     )
     proc = subprocess.Popen(
-        ["bash", str(REPO / "launch" / "slurm_multi_node.sbatch"), "--config", "recipe.yaml"],
+        ["bash", str(script), "--config", "recipe.yaml"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -73,20 +81,21 @@ def test_signal_is_passed_to_srun_and_usr1_requeues(tmp_path, sig, requeued):
     assert proc.returncode == 0, out
     assert (tmp_path / "srun_signal").read_text().strip() == sig.name[3:]
     srun_args = (tmp_path / "srun_args").read_text().split()
-    assert srun_args[:4] == [
+    assert srun_args[:5] == [
         "--ntasks-per-node=1",
         "--kill-on-bad-exit=1",
+        "--open-mode=append",
         "--output=logs/%x-%j-node%n.out",
         "--cpus-per-task=32",
     ]
-    assert srun_args[5:] == [
+    assert srun_args[6:] == [
         "-m",
         "megatron_ext.launch.plan",
         "--slurm",
         "--",
         "--config",
         "recipe.yaml",
-        "--run_dir=runs/exp-555",
+        "--run_dir=runs/exp1",
     ]
     assert (tmp_path / "logs").is_dir()
     calls = tmp_path / "scontrol_calls"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import socket
 
-from megatron_ext.parallel import init
-from megatron_ext.parallel.init import LISTEN_PORTS_BELOW, find_free_port, find_free_ports
+from megatron_ext.parallel import ports
+from megatron_ext.parallel.ports import LISTEN_PORTS_BELOW, find_free_port, find_free_ports
 
 
 def _bindable(port: int) -> bool:
@@ -28,7 +28,7 @@ def test_port_is_free_and_below_the_ephemeral_range(tmp_path):
 
 
 def test_a_port_in_use_is_never_returned(tmp_path, monkeypatch):
-    monkeypatch.setattr(init, "LISTEN_PORTS_BELOW", 10)
+    monkeypatch.setattr(ports, "LISTEN_PORTS_BELOW", 10)
     ranges = tmp_path / "ip_local_port_range"
     ranges.write_text("20010 60999")  # ten candidates: 20000..20009
     free, listeners = None, []
