@@ -28,8 +28,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: Sequenc
     """Build ``cls`` from a YAML file (optional) and dotted overrides; raises ConfigError."""
     data: dict = {}
     if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        loaded = yaml.safe_load(text)
+        loaded = _read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
                 [
@@ -48,6 +47,23 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: Sequenc
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    """The parsed YAML file; a missing or unreadable file and a syntax error are ConfigErrors."""
+    try:
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ConfigError(
+            [Problem("--config", str(path), f"cannot be read ({exc.strerror})", "give a YAML file")]
+        ) from exc
+    with handle:
+        try:
+            return yaml.safe_load(handle)  # a syntax error names the file, line and column
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                [Problem("--config", str(path), f"is not valid YAML: {exc}", "correct the file")]
+            ) from exc
 
 
 def from_dict(cls: type[T], data: dict) -> T:
@@ -115,7 +131,19 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
                     ]
                 )
             node = child
-        node[parts[-1]] = yaml.safe_load(value_text) if value_text != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(value_text) if value_text != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                [
+                    Problem(
+                        key,
+                        value_text,
+                        f"the value is not valid YAML ({str(exc).splitlines()[0]})",
+                        "quote it, or write a list as [a, b] and a mapping as {k: v}",
+                    )
+                ]
+            ) from exc
     return result
 
 

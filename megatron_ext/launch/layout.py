@@ -33,7 +33,10 @@ def read_parallel_layout(config_path: str | None, train_args: Sequence[str] = ()
     values = {name: 1 for name in _FIELDS}
     sources = []
     if config_path:
-        data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{config_path} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{config_path}: top level must be a mapping")
         section = data.get("parallel") or {}
@@ -47,7 +50,11 @@ def read_parallel_layout(config_path: str | None, train_args: Sequence[str] = ()
         for name in _FIELDS:
             prefix = f"--parallel.{name}="
             if arg.startswith(prefix):
-                values[name] = _positive_int(yaml.safe_load(arg[len(prefix) :]), arg)
+                try:
+                    value = yaml.safe_load(arg[len(prefix) :])
+                except yaml.YAMLError as exc:
+                    raise ValueError(f"{arg}: not valid YAML ({exc})") from exc
+                values[name] = _positive_int(value, arg)
                 sources.append(arg)
     return ParallelLayout(
         values[_FIELDS[0]],

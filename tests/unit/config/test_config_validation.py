@@ -230,3 +230,17 @@ def test_mapping_keys_and_values_are_checked_like_fields(tmp_path):
     assert info.value.fields() == ["langid.min_score_per_language.fr"]
     cfg = load_config(CurationConfig, None, ["--langid.min_score_per_language={'no': 1}"])
     assert cfg.langid.min_score_per_language == {"no": 1.0}
+
+
+def test_unreadable_files_and_yaml_errors_are_config_errors(tmp_path):
+    """A user's typo in a path, a file or an override is a one-line error, not a traceback."""
+    with pytest.raises(ConfigError, match="cannot be read .No such file"):
+        load_config(ExperimentConfig, tmp_path / "missing.yaml", [])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  num_layers: [4\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(ExperimentConfig, broken, [])
+    assert info.value.fields() == ["--config"] and f'in "{broken}", line 3' in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(ExperimentConfig, None, ["--schedule.train_steps=["])
+    assert info.value.fields() == ["schedule.train_steps"]
