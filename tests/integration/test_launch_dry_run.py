@@ -99,6 +99,18 @@ def test_slurm_script_dry_run_four_nodes_of_eight_gpus(tmp_path):
     assert not (tmp_path / "logs").exists()  # nothing created, nothing started
 
 
+def test_slurm_dry_run_outside_a_job_takes_the_scripts_gpu_request(tmp_path):
+    """On a login node SLURM sets no GPU count: the dry run uses the script's own
+    `#SBATCH --gpus-per-node`, not the (absent) GPUs of the machine it runs on."""
+    env = clean_env(DRY_RUN="1", SLURM_JOB_NODELIST="gpu[01-02]", SLURM_JOB_ID="7")
+    config = REPO / "examples" / "configs" / "tiny_cpu.yaml"
+    command = ["bash", str(REPO / "launch" / "slurm_multi_node.sbatch"), "--config", str(config)]
+    result = run(command, env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "# ranks per node: 8, this script's #SBATCH --gpus-per-node" in result.stdout
+    assert [options(argv)["nproc-per-node"] for argv in torchrun_lines(result.stdout)] == ["8"] * 2
+
+
 def test_single_node_script_dry_run_on_this_machine(tmp_path):
     env = clean_env(DRY_RUN="1", OMP_NUM_THREADS="3")
     result = run(
