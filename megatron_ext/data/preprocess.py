@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import multiprocessing
 import os
@@ -56,6 +55,7 @@ from megatron_ext.data.preprocess_reader import (
     parse_line,
     plan_tasks,
 )
+from megatron_ext.data.provenance import write_stats
 from megatron_ext.tokenizer.loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class TaskResult:
     num_docs: int = 0
     num_tokens: int = 0
     num_bytes: int = 0
+    max_token_id: int = -1
     bad_counts: dict[str, int] = field(default_factory=dict)
     bad_lines: dict[str, list[int]] = field(default_factory=dict)
     fatal: tuple[int, str, str] | None = None  # (line in task, reason, detail) with strict
@@ -91,6 +92,8 @@ class PreprocessResult:
     seconds: float
     dtype: str
     bad_input: BadInputReport
+    max_token_id: int = -1
+    """The largest id written (-1: no token); training refuses a model.vocab_size at or below it."""
 
     def summary(self) -> str:
         rate = self.num_docs / self.seconds if self.seconds else 0.0
@@ -157,24 +160,21 @@ def _run_task(task: InputTask) -> TaskResult:
                 lines.append(line_number)
             continue
         if len(batch) >= settings.batch_docs:
-            result.num_tokens += _write_batch(batch, tokenizer, writers, settings)
-            result.num_docs += len(batch)
+            _write_batch(batch, tokenizer, writers, settings, result)
             batch = []
     if batch:
-        result.num_tokens += _write_batch(batch, tokenizer, writers, settings)
-        result.num_docs += len(batch)
+        _write_batch(batch, tokenizer, writers, settings, result)
     for writer in writers:
         writer.finalize()
     return result
 
 
-def _write_batch(batch, tokenizer, writers, settings: _WorkerSettings) -> int:
-    """Tokenize one batch of documents per key and append it; returns the token count.
+def _write_batch(batch, tokenizer, writers, settings: _WorkerSettings, result: TaskResult) -> None:
+    """Tokenize one batch of documents per key and append it; counts go into ``result``.
 
     Each non-empty sentence becomes one sequence; with ``append_eod`` the end-of-document id
     ends the last sequence of each document.
     """
-    num_tokens = 0
     for key_index, writer in enumerate(writers):
         sentences = [doc[key_index] for doc in batch]
         ids, lengths = tokenizer.tokenize_flat(list(itertools.chain.from_iterable(sentences)))
@@ -189,8 +189,10 @@ def _write_batch(batch, tokenizer, writers, settings: _WorkerSettings) -> int:
             ids = np.insert(ids, np.cumsum(seq_lengths)[last], tokenizer.eod)
             seq_lengths[last] += 1
         writer.add_batch(ids.astype(writer.dtype), seq_lengths, seqs_per_doc)
-        num_tokens += int(ids.size)
-    return num_tokens
+        result.num_tokens += int(ids.size)
+        if ids.size:
+            result.max_token_id = max(result.max_token_id, int(ids.max()))
+    result.num_docs += len(batch)
 
 
 def preprocess(
@@ -256,9 +258,18 @@ def preprocess(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     outcome = PreprocessResult(
-        prefixes, meter.docs, meter.tokens, meter.bytes, meter.elapsed(), chosen.name, meter.report
+        prefixes,
+        meter.docs,
+        meter.tokens,
+        meter.bytes,
+        meter.elapsed(),
+        chosen.name,
+        meter.report,
+        meter.max_token_id,
     )
-    _write_stats(output_prefix, outcome, paths, tokenizer_type, tokenizer_model, append_eod)
+    _write_stats(
+        outcome, output_prefix, paths, tokenizer, tokenizer_type, tokenizer_model, append_eod
+    )
     return outcome
 
 
@@ -380,6 +391,7 @@ class _Progress:
     def __init__(self, enabled: bool, start: float):
         self.start = start
         self.docs = self.tokens = self.bytes = 0
+        self.max_token_id = -1
         self.report = BadInputReport(max_examples=MAX_EXAMPLES)
         self._bar = None
         if enabled:
@@ -394,6 +406,7 @@ class _Progress:
         self.docs += result.num_docs
         self.tokens += result.num_tokens
         self.bytes += result.num_bytes
+        self.max_token_id = max(self.max_token_id, result.max_token_id)
         if self._bar is not None:
             seconds = max(self.elapsed(), 1e-9)
             self._bar.set_postfix_str(
@@ -408,9 +421,10 @@ class _Progress:
 
 
 def _write_stats(
-    output_prefix: str,
     result: PreprocessResult,
+    output_prefix: str,
     paths: list[str],
+    tokenizer: Any,
     tokenizer_type: str,
     tokenizer_model: str,
     append_eod: bool,
@@ -420,16 +434,15 @@ def _write_stats(
         "outputs": result.output_prefixes,
         "tokenizer_type": tokenizer_type,
         "tokenizer_model": str(tokenizer_model),
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "eod_id": tokenizer.eod,
         "append_eod": append_eod,
         "dtype": result.dtype,
         "num_docs": result.num_docs,
         "num_tokens": result.num_tokens,
+        "max_token_id": result.max_token_id,
         "num_bytes": result.num_bytes,
         "seconds": round(result.seconds, 3),
         "bad_input": result.bad_input.to_dict(),
     }
-    path = f"{output_prefix}_preprocess_stats.json"
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    write_stats(output_prefix, stats)

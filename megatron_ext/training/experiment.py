@@ -94,6 +94,10 @@ def validate_experiment(
     )
     cfg.optimizer.validate(problems)
     cfg.data.validate(problems, check_files=check_files)
+    if check_files:
+        from megatron_ext.data.provenance import dataset_problems
+
+        problems.problems.extend(dataset_problems(cfg.data, cfg.model.vocab_size))
     cfg.checkpoint.validate(problems)
     cfg.monitoring.validate(problems)
     cfg.training.validate(problems)

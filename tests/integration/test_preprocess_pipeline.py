@@ -214,3 +214,65 @@ def test_int32_when_requested_and_clear_errors(setup, tmp_path):
             str(root / "tok"),
             progress=False,
         )
+
+
+def test_training_config_is_checked_against_what_preprocessing_recorded(setup, tmp_path, caplog):
+    """The stats file ties a dataset to its tokenizer's ids: a doubled EOD, another EOD id or a
+    vocabulary smaller than the ids stop the run before it starts."""
+    import logging
+
+    from megatron_ext.config.errors import ConfigError
+    from megatron_ext.config.loader import load_config
+    from megatron_ext.data.provenance import dataset_problems, preprocess_stats
+    from megatron_ext.training.experiment import ExperimentConfig, validate_experiment
+
+    root, _ = setup
+    for append_eod in (True, False):
+        preprocess(
+            str(root / "docs.jsonl"),
+            str(tmp_path / f"eod_{append_eod}"),
+            "SentencePieceTokenizer",
+            str(root / "tok"),
+            append_eod=append_eod,
+            progress=False,
+        )
+    with_eod, without = (str(tmp_path / f"eod_{flag}_text_document") for flag in (True, False))
+    tok = load_tokenizer("SentencePieceTokenizer", str(root / "tok"))
+    ids = np.concatenate(read_documents(with_eod))
+    stats = preprocess_stats(with_eod)
+    assert stats["max_token_id"] == int(ids.max()) and stats["eod_id"] == tok.eod
+    assert stats["tokenizer_vocab_size"] == tok.vocab_size == 1500
+
+    def check(prefix: str, *overrides: str) -> list[str]:
+        cfg = load_config(ExperimentConfig, None, [f"--data.data_path=[{prefix}]", *overrides])
+        return [p.field for p in dataset_problems(cfg.data, cfg.model.vocab_size)]
+
+    fitting = ("--model.vocab_size=1500", f"--data.eod_token_id={tok.eod}")
+    assert check(with_eod, *fitting) == []
+    assert check(with_eod, *fitting, "--data.append_eod=true") == ["data.append_eod"]
+    assert check(with_eod, "--model.vocab_size=1500", "--data.eod_token_id=7") == [
+        "data.eod_token_id"
+    ]
+    assert check(with_eod, f"--model.vocab_size={int(ids.max())}", fitting[1]) == [
+        "model.vocab_size"
+    ]
+    with caplog.at_level(logging.WARNING):
+        assert check(without, *fitting) == []
+    assert "has no end-of-document tokens and data.append_eod is off" in caplog.text
+    assert check(without, *fitting, "--data.append_eod=true") == []
+    # Merged datasets: only alike ones, and the result carries the stats on.
+    from megatron_ext.data.provenance import merged_stats
+
+    with pytest.raises(ValueError, match="preprocessed differently"):
+        merged_stats([with_eod, without])
+    merged = merged_stats([with_eod, with_eod])
+    assert merged["max_token_id"] == stats["max_token_id"] and merged["append_eod"] is True
+    assert merged["num_docs"] == 2 * stats["num_docs"]
+    # Part of validate_experiment, which every training run calls first.
+    cfg = load_config(
+        ExperimentConfig,
+        None,
+        [f"--data.data_path=[{with_eod}]", *fitting, "--data.append_eod=true"],
+    )
+    with pytest.raises(ConfigError, match="data.append_eod"):
+        validate_experiment(cfg, 1)
