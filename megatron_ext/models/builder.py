@@ -79,7 +79,7 @@ def build_transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=backend == "transformer_engine",
-        gradient_accumulation_fusion=backend == "transformer_engine",
+        gradient_accumulation_fusion=gradient_accumulation_fusion(backend),
         cross_entropy_loss_fusion=False,
         use_cpu_initialization=not on_gpu,
         recompute_granularity=recompute,
@@ -94,6 +94,15 @@ def build_transformer_config(
         batch_p2p_comm=on_gpu,
         **fp8_kwargs,
     )
+
+
+def gradient_accumulation_fusion(backend: str) -> bool:
+    """megatron-core's weight-gradient accumulation fusion: with TE layers, and only where apex's
+    ``fused_weight_gradient_mlp_cuda`` is built, since the output layer is megatron-core's own
+    ``ColumnParallelLinear``, which refuses the setting without it (TE alone is not enough)."""
+    from megatron.core.tensor_parallel import layers
+
+    return backend == "transformer_engine" and layers._grad_accum_fusion_available
 
 
 def build_model(

@@ -3,8 +3,9 @@
 megatron-core's DDP keeps an fp32 ``main_grad`` buffer per parameter. Without Transformer Engine
 or apex every weight gradient takes two passes: the GEMM writes a bf16 ``weight.grad``, then a DDP
 hook adds it into ``main_grad`` (for the 1.09B model on an H100, 4.8 ms per step of fp32 adds).
-megatron-core's own fusion (``gradient_accumulation_fusion``) needs apex's or TE's CUDA extension,
-and its autograd function sets attributes on the weight in the backward, which ``torch.compile``
+megatron-core's own fusion (``gradient_accumulation_fusion``) needs apex's CUDA extension for its
+own linear layers (TE layers bring their own, but the output layer is megatron-core's: the builder
+turns it on only with apex), and its autograd function sets attributes on the weight in the backward, which ``torch.compile``
 cannot trace (the compiled layer would break at every linear).
 
 Here the GEMM accumulates into ``main_grad`` itself: ``main_grad += grad_output^T @ input`` with

@@ -167,3 +167,27 @@ def test_wgrad_fusion_is_opt_in_and_local_only(backend, device, setting, expecte
 def test_unknown_setting_is_a_clear_error():
     with pytest.raises(ValueError, match="compile_layers"):
         resolve_fast_path(ModelConfig(compile_layers="yes"), "local", "cuda")
+
+
+def test_te_layers_ask_for_gradient_accumulation_fusion_only_where_apex_built_it():
+    """The output layer is megatron-core's ColumnParallelLinear, which raises at construction
+    with the fusion on and without apex's fused_weight_gradient_mlp_cuda (TE alone is no help)."""
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_ext.models.builder import gradient_accumulation_fusion
+
+    assert gradient_accumulation_fusion("local") is False
+    available = layers._grad_accum_fusion_available
+    assert gradient_accumulation_fusion("transformer_engine") is available
+    if not available:  # this machine: no apex
+        with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
+            from megatron.core.transformer.transformer_config import TransformerConfig
+
+            config = TransformerConfig(
+                num_layers=1,
+                hidden_size=8,
+                num_attention_heads=1,
+                gradient_accumulation_fusion=True,
+                use_cpu_initialization=True,
+            )
+            layers.ColumnParallelLinear(8, 16, config=config, init_method=lambda w: w, bias=False)
