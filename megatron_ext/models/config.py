@@ -114,6 +114,24 @@ class ModelConfig:
             "must be positive",
             "set it to the tokenizer's vocabulary size",
         )
+        problems.check(
+            self.make_vocab_size_divisible_by >= 1,
+            "model.make_vocab_size_divisible_by",
+            self.make_vocab_size_divisible_by,
+            "must be at least 1",
+            "use 128 (1 pads only to a multiple of TP)",
+        )
+        per_chunk = max(self.num_layers // chunks, 1)
+        if self.recompute_granularity == "full":
+            # megatron-core steps through the layers by this many: 0 never advances (a hang).
+            problems.check(
+                1 <= self.recompute_num_layers <= per_chunk,
+                "model.recompute_num_layers",
+                self.recompute_num_layers,
+                f"full recomputation needs 1 to {per_chunk} layers per group (the layers of one "
+                "model chunk)",
+                "use 1 (every layer's input kept, the rest recomputed)",
+            )
 
     def padded_vocab_size(self, tp: int) -> int:
         multiple = self.make_vocab_size_divisible_by * tp

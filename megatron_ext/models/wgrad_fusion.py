@@ -5,8 +5,8 @@ or apex every weight gradient takes two passes: the GEMM writes a bf16 ``weight.
 hook adds it into ``main_grad`` (for the 1.09B model on an H100, 4.8 ms per step of fp32 adds).
 megatron-core's own fusion (``gradient_accumulation_fusion``) needs apex's CUDA extension for its
 own linear layers (TE layers bring their own, but the output layer is megatron-core's: the builder
-turns it on only with apex), and its autograd function sets attributes on the weight in the backward, which ``torch.compile``
-cannot trace (the compiled layer would break at every linear).
+turns it on only with apex), and its autograd function sets attributes on the weight in the
+backward, which ``torch.compile`` cannot trace (the compiled layer would break at every linear).
 
 Here the GEMM accumulates into ``main_grad`` itself: ``main_grad += grad_output^T @ input`` with
 fp32 accumulation and no bf16 intermediate (cuBLAS through ``torch.addmm(..., out_dtype=float32)``

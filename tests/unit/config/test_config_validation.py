@@ -110,6 +110,18 @@ RULES = {
         "data.reset_position_ids",
         "reset_position_ids=false",
     ),
+    "recompute_groups_advance": (
+        ["--model.recompute_granularity=full", "--model.recompute_num_layers=0"],
+        8,
+        "model.recompute_num_layers",
+        "use 1",
+    ),
+    "vocab_multiple_positive": (
+        ["--model.make_vocab_size_divisible_by=0"],
+        8,
+        "model.make_vocab_size_divisible_by",
+        "use 128",
+    ),
     "exit_after_steps_at_least_one": (
         ["--training.exit_after_steps=0"],
         8,
