@@ -28,6 +28,7 @@ measurement.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron_ext.models.config import ModelConfig, PrecisionConfig
@@ -69,6 +70,38 @@ def total_params(model: ModelConfig, tp: int = 1) -> int:
     return model.num_layers * (sharded + replicated) + embeddings + model.hidden_size
 
 
+def _layer_activations(
+    model: ModelConfig, parallel: ParallelConfig, layers: int, sbh: int
+) -> tuple[float, float]:
+    """Bytes of one micro-batch's activations kept by a stage's ``layers`` transformer layers,
+    and the extra bytes live while a recomputed group runs again in the backward.
+
+    A layer keeps ``34 s b h / tp`` bytes with sequence parallelism, else ``(10 + 24 / tp) s b h``
+    (Korthikanti et al. with flash attention: no ``[s, s]`` scores; selective recomputation of
+    the attention core saves nothing more here). Full recomputation keeps only the input of each
+    checkpointed group, ``2 s b h`` bytes, split over TP with sequence parallelism. ``uniform``
+    checkpoints groups of ``recompute_num_layers`` layers in every model chunk and recomputes a
+    whole group at once; ``block`` checkpoints only the first ``recompute_num_layers`` layers of
+    each chunk, one by one, and the others keep all their activations.
+    """
+    tp = parallel.tensor_model_parallel_size
+    if parallel.sequence_parallel:
+        full_layer = sbh * 34 / tp
+    else:
+        full_layer = sbh * (10 + 24 / tp)
+    if model.recompute_granularity != "full":
+        return full_layer * layers, 0.0
+    layer_input = 2 * sbh / (tp if parallel.sequence_parallel else 1)
+    chunks = parallel.virtual_pipeline_model_parallel_size or 1
+    per_chunk = max(layers // chunks, 1)
+    group = min(max(model.recompute_num_layers, 1), per_chunk)
+    if model.recompute_method == "uniform":
+        kept = chunks * math.ceil(per_chunk / group) * layer_input
+        return kept, group * full_layer
+    kept = chunks * (group * layer_input + (per_chunk - group) * full_layer)
+    return kept, full_layer
+
+
 def estimate_stages(
     model: ModelConfig,
     parallel: ParallelConfig,
@@ -88,17 +121,14 @@ def estimate_stages(
     grad_bytes = 4 if precision.grad_reduce_in_fp32 or precision.dtype == "fp32" else 2
     optim_bytes = 8 + (0 if precision.dtype == "fp32" else 4)
     optim_shards = dp if parallel.use_distributed_optimizer else 1
+    per_microbatch, recompute_working_set = _layer_activations(
+        model, parallel, layers, seq_length * micro_batch_size * model.hidden_size
+    )
     s, b, h = seq_length, micro_batch_size, model.hidden_size
-    if model.recompute_granularity == "full":
-        per_layer_act = 2 * s * b * h
-    elif parallel.sequence_parallel:
-        per_layer_act = s * b * h * 34 / tp
-    else:
-        per_layer_act = s * b * h * (10 + 24 / tp)
     estimates = []
     for stage in range(pp):
         params = layers * (sharded // tp + replicated)
-        activations = per_layer_act * layers * (pp - stage)
+        activations = per_microbatch * (pp - stage) + recompute_working_set
         if stage == 0:
             params += vocab * h // tp
         if stage == pp - 1:

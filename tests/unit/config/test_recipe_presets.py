@@ -71,3 +71,25 @@ def test_preset_plans_on_its_documented_cluster(name):
         cfg.model, cfg.parallel, cfg.precision, world, sched.micro_batch_size, sched.seq_length
     )
     assert max(stage.total_gib for stage in stages) < USABLE_GIB
+
+
+def test_full_recompute_estimate_follows_method_group_size_and_sequence_parallel():
+    """Full recomputation keeps one (sequence-parallel) input per group; block keeps the rest of
+    each chunk's layers whole."""
+
+    def first_stage_activations(*overrides: str) -> float:
+        cfg = load_config(ExperimentConfig, CONFIGS / "recipe_70b.yaml", list(overrides))
+        stage = estimate_stages(
+            cfg.model, cfg.parallel, cfg.precision, 512, cfg.schedule.micro_batch_size, 8192
+        )[0]
+        return stage.activations_gib
+
+    uniform = first_stage_activations()
+    without_sp = first_stage_activations("--parallel.sequence_parallel=false")
+    block = first_stage_activations("--model.recompute_method=block")
+    whole_chunk = first_stage_activations(
+        "--model.recompute_method=block", "--model.recompute_num_layers=4"
+    )
+    none = first_stage_activations("--model.recompute_granularity=none")
+    assert uniform < without_sp < block < none
+    assert whole_chunk == pytest.approx(uniform)  # every layer of a 4-layer chunk checkpointed
