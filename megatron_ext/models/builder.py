@@ -41,6 +41,11 @@ def build_transformer_config(
         major, _ = torch.cuda.get_device_capability()
         if major < 9:
             raise ValueError("precision.fp8 needs a Hopper-class GPU (compute capability >= 9.0)")
+        if precision.fp8_recipe == "mxfp8" and major < 10:
+            raise ValueError(
+                "precision.fp8_recipe=mxfp8 needs a Blackwell-class GPU (compute capability >= "
+                "10.0); on Hopper use delayed, tensorwise or blockwise"
+            )
         fp8_kwargs = dict(
             fp8=precision.fp8,
             fp8_recipe=precision.fp8_recipe,

@@ -128,6 +128,13 @@ def validate_experiment(
         "raise model.seq_length (RoPE has no learned positions) or lower schedule.seq_length",
     )
     problems.check(
+        cfg.precision.fp8 == "none" or cfg.model.transformer_impl != "local",
+        "precision.fp8",
+        cfg.precision.fp8,
+        "FP8 GEMMs are Transformer Engine's; model.transformer_impl=local has none",
+        "set model.transformer_impl=auto (or transformer_engine), or precision.fp8=none",
+    )
+    problems.check(
         cfg.precision.fp8 == "none" or cfg.precision.dtype == "bf16",
         "precision.fp8",
         cfg.precision.fp8,

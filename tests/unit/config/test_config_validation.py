@@ -156,6 +156,12 @@ RULES = {
     "vocab_positive": (["--model.vocab_size=0"], 8, "model.vocab_size", "tokenizer"),
     "eod_inside_vocab": (["--data.eod_token_id=5000"], 8, "data.eod_token_id", "end-of-document"),
     "fp8_needs_bf16": (["--precision.fp8=e4m3"], 8, "precision.fp8", "precision.dtype=bf16"),
+    "fp8_needs_te_layers": (
+        ["--precision.fp8=e4m3", "--precision.dtype=bf16", "--model.transformer_impl=local"],
+        8,
+        "precision.fp8",
+        "transformer_impl=auto",
+    ),
     "tokenizer_needs_path": (
         ["--tokenizer.tokenizer_type=SentencePieceTokenizer"],
         8,
