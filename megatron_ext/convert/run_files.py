@@ -10,6 +10,7 @@ at an explicit path, at the path named in the config (``tokenizer`` or ``data`` 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -155,12 +156,43 @@ def _candidate_paths(value: str, checkpoint_dir: Path, config: dict) -> list[Pat
     return candidates
 
 
+def encoding_as_trained(directory: Path) -> list[str]:
+    """Make the tokenizer files in ``directory`` encode text as preprocessing did; returns what
+    changed.
+
+    Preprocessing encodes every document without special tokens and reads a literal ``<s>`` in
+    the text as text. A Hugging Face tokenizer whose template adds a BOS (Llama's, Mistral's)
+    would put an id the model never saw in front of every prompt, and would read ``<s>`` in a
+    prompt as the control token. So the template (``post_processor``) is dropped,
+    ``add_bos_token`` / ``add_eos_token`` are turned off and ``split_special_tokens`` on.
+    """
+    changed = []
+    path = directory / "tokenizer.json"
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    if tokenizer.get("post_processor") is not None:
+        tokenizer["post_processor"] = None
+        path.write_text(json.dumps(tokenizer, ensure_ascii=False, indent=2), encoding="utf-8")
+        changed.append("tokenizer.json: post_processor dropped")
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    wanted = {"add_bos_token": False, "add_eos_token": False, "split_special_tokens": True}
+    updates = {k: v for k, v in wanted.items() if config.get(k) != v}
+    if updates:
+        config.update(updates)
+        config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+        changed.append(
+            "tokenizer_config.json: " + ", ".join(f"{k}={v}" for k, v in updates.items())
+        )
+    return changed
+
+
 def write_hf_tokenizer(source: Path, output_dir: Path) -> list[str]:
     """Put the Hugging Face fast-tokenizer files of ``source`` into ``output_dir``.
 
     ``source`` is a directory with ``tokenizer.json`` (copied with its config files and any
-    ``tokenizer.model``), or a SentencePiece ``.model`` file / a directory holding
-    ``tokenizer.model`` (exported with the same ids by ``megatron_ext.tokenizer``).
+    ``tokenizer.model``, then set to encode as preprocessing did: ``encoding_as_trained``), or a
+    SentencePiece ``.model`` file / a directory holding ``tokenizer.model`` (exported with the
+    same ids by ``megatron_ext.tokenizer``).
     """
     directory = source if source.is_dir() else source.parent
     if (directory / "tokenizer.json").is_file() and source.suffix != ".model":
@@ -169,6 +201,7 @@ def write_hf_tokenizer(source: Path, output_dir: Path) -> list[str]:
             if (directory / name).is_file():
                 shutil.copyfile(directory / name, output_dir / name)
                 written.append(str(output_dir / name))
+        encoding_as_trained(output_dir)
         return written
     model_file = source if source.is_file() else directory / "tokenizer.model"
     if not model_file.is_file():

@@ -216,3 +216,38 @@ def test_a_corpus_without_languages_is_trained_unbalanced_with_a_warning(corpus,
     assert "no training record has a language (keys ['lang', 'source_lang'])" in caplog.text
     assert set(result.report["sample_bytes"]["balanced"]) == {"unknown"}
     assert result.report["bad_input"]["counts"] == {"malformed_json": 1}
+
+
+def test_exported_hugging_face_tokenizer_encodes_as_preprocessing_did(small, tmp_path):
+    """A tokenizer whose template adds BOS (as Llama's does): the exported copy encodes prompts
+    with the ids training saw, no BOS in front and a literal "<s>" as text."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from megatron_ext.convert.run_files import write_hf_tokenizer
+
+    llama_like = tmp_path / "llama_like"
+    llama_like.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(Path(small.output_dir) / name, llama_like / name)
+    spec = json.loads((llama_like / "tokenizer.json").read_text("utf-8"))
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [
+            {"SpecialToken": {"id": "<s>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+        ],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+    }
+    (llama_like / "tokenizer.json").write_text(json.dumps(spec), "utf-8")
+    text = "Hello world <s> again"
+    trained = load_tokenizer("HuggingFaceTokenizer", str(llama_like)).tokenize(text)
+    assert AutoTokenizer.from_pretrained(str(llama_like))(text)["input_ids"] != trained
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    write_hf_tokenizer(llama_like, exported)
+    assert AutoTokenizer.from_pretrained(str(exported))(text)["input_ids"] == trained
+    config = json.loads((exported / "tokenizer_config.json").read_text("utf-8"))
+    assert config["split_special_tokens"] is True and config["add_bos_token"] is False
