@@ -66,7 +66,8 @@ def dataset_problems(data: DataConfig, vocab_size: int) -> list[Problem]:
                     "set data.append_eod=false",
                 )
             )
-        if not has_eod and not data.append_eod:
+        # Every rank validates the same config: the first one says it.
+        if not has_eod and not data.append_eod and os.environ.get("RANK", "0") == "0":
             logger.warning(
                 "%s has no end-of-document tokens and data.append_eod is off: its documents run "
                 "into each other",

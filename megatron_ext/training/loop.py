@@ -130,6 +130,7 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
             run_state["progress"],
             ctx.layout.dp,
             allow_schedule_change=_schedule_change_allowed(cfg),
+            log=ctx.rank == 0,
         )
         if ctx.rank == 0:
             logger.info("resumed at step %d (%d tokens)", progress.step, progress.consumed_tokens)

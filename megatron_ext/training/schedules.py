@@ -340,13 +340,14 @@ def restore_progress(
     data_parallel_size: int,
     *,
     allow_schedule_change: bool = False,
+    log: bool = True,
 ) -> TrainProgress:
     """Progress from ``progress_state_dict`` output; the next batch is then exactly the one the
     saved run would have read. Raises ValueError when the current config would give the next
     step another sequence length or batch size than the saved run (a changed schedule),
     unless ``allow_schedule_change``; an allowed change that moves the next step's learning rate
     or sequence length is logged as a warning (the schedule is recomputed from the new settings,
-    not continued from where the saved run was)."""
+    not continued from where the saved run was; ``log``: on this rank)."""
     missing = [k for k in ("step", "consumed_tokens", "consumed_samples") if k not in state]
     if missing:
         raise ValueError(f"data state lacks {missing}; got keys {sorted(state)}")
@@ -359,7 +360,8 @@ def restore_progress(
         return progress
     nxt = plan_step(cfg, progress, data_parallel_size)
     if allow_schedule_change:
-        _warn_moved_schedule(cfg, progress, nxt, state)
+        if log:
+            _warn_moved_schedule(cfg, progress, nxt, state)
         return progress
     saved = (state.get("next_seq_length"), state.get("next_global_batch_size"))
     if saved != (None, None) and saved != (nxt.seq_length, nxt.global_batch_size):
