@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import yaml
 from megatron_ext.config.errors import ConfigError
 from megatron_ext.config.loader import from_dict
 from megatron_ext.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -201,7 +204,8 @@ def write_hf_tokenizer(source: Path, output_dir: Path) -> list[str]:
             if (directory / name).is_file():
                 shutil.copyfile(directory / name, output_dir / name)
                 written.append(str(output_dir / name))
-        encoding_as_trained(output_dir)
+        for change in encoding_as_trained(output_dir):
+            logger.info("exported tokenizer set to encode as preprocessing did: %s", change)
         return written
     model_file = source if source.is_file() else directory / "tokenizer.model"
     if not model_file.is_file():
