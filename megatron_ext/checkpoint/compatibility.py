@@ -186,6 +186,13 @@ def _rewritten_datasets(
         return None
     if len(saved) != len(current):
         return None
+    if any(then.get("version") != now.get("version") for then, now in zip(saved, current)):
+        if log:
+            logger.warning(
+                "the checkpoint's dataset fingerprints are of another version: its datasets are "
+                "compared by path only"
+            )
+        return None
     return [
         (
             DATA_PATH,

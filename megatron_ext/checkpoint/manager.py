@@ -212,10 +212,9 @@ def load_checkpoint(
         else (found["run_state"].get("data"), data_fingerprints),
     )
     if "model" in current_config_dict and "model" in found["config"]:
-        saved_rows = found["meta"].get("padded_vocab_size")
-        if saved_rows is None:  # written before the size was recorded: its layout decided it
-            saved_rows = padded_vocab_rows(found["config"]["model"], found["meta"]["layout"]["tp"])
-        check_padded_vocab(saved_rows, current_config_dict["model"], ctx.layout.tp, path)
+        saved_rows = found["meta"].get("padded_vocab_size") or _stored_vocab_rows(path)
+        if saved_rows is not None:
+            check_padded_vocab(saved_rows, current_config_dict["model"], ctx.layout.tp, path)
     same_layout = found["meta"]["layout"] == _layout_dict(ctx)
     restore_rng = same_layout and not finetune
     state = _sharded_state(
@@ -271,6 +270,22 @@ def load_checkpoint(
     if ctx.rank == 0:
         logger.info("resumed from %s (step %d)", path, step)
     return found["run_state"]
+
+
+def _stored_vocab_rows(path: str) -> int | None:
+    """The embedding's rows as stored (``torch_dist`` metadata), for checkpoints written before
+    ``checkpoint.json`` recorded them; None when the metadata does not say."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        entry = FileSystemReader(path).read_metadata().state_dict_metadata.get(_EMBEDDING_KEY)
+    except (OSError, ValueError, RuntimeError):
+        return None
+    size = getattr(entry, "size", None)
+    return int(size[0]) if size else None
+
+
+_EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
 
 # ---- what goes into dist_checkpointing ------------------------------------------------------

@@ -27,9 +27,20 @@ import os
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+FINGERPRINT_VERSION = 1
+"""Bumped with any change of what is read or hashed: fingerprints of another version are not
+compared (a resume then compares the datasets by path only)."""
 SAMPLED_BLOCKS = 256
 BLOCK_BYTES = 4096
-FINGERPRINT_FIELDS = ("documents", "sequences", "dtype", "idx_bytes", "bin_bytes", "sha256")
+FINGERPRINT_FIELDS = (
+    "version",
+    "documents",
+    "sequences",
+    "dtype",
+    "idx_bytes",
+    "bin_bytes",
+    "sha256",
+)
 
 
 def dataset_fingerprint(prefix: str) -> dict:
@@ -45,6 +56,7 @@ def dataset_fingerprint(prefix: str) -> dict:
         digest.update(suffix.encode())
         _sample_into(digest, path, sizes[suffix])
     return {
+        "version": FINGERPRINT_VERSION,
         "documents": int(np.asarray(index.document_indices).size - 1),
         "sequences": len(index),
         "dtype": np.dtype(index.dtype).name,
@@ -66,12 +78,14 @@ def describe(fingerprint: dict) -> str:
 
 
 def _sample_into(digest, path: str, size: int) -> None:
-    """Hash the whole file when it is at most ``SAMPLED_BLOCKS`` blocks, else the sampled blocks."""
-    with open(path, "rb") as file:
+    """Hash the whole file when it is at most ``SAMPLED_BLOCKS`` blocks, else the sampled blocks.
+
+    Unbuffered: a buffered file fills its buffer (the filesystem's block size, 4 MiB and more on
+    Lustre or GPFS) at every seek, which would read a thousand times the sampled bytes."""
+    with open(path, "rb", buffering=0) as file:
         if size <= SAMPLED_BLOCKS * BLOCK_BYTES:
             digest.update(file.read())
             return
         starts = np.linspace(0, size - BLOCK_BYTES, SAMPLED_BLOCKS).astype(np.int64)
         for start in starts:
-            file.seek(int(start))
-            digest.update(file.read(BLOCK_BYTES))
+            digest.update(os.pread(file.fileno(), BLOCK_BYTES, int(start)))

@@ -32,27 +32,46 @@ logger = logging.getLogger(__name__)
 STATS_SUFFIX = "_preprocess_stats.json"
 
 
-def preprocess_stats(prefix: str) -> dict | None:
-    """The stats file that lists ``prefix`` among its outputs, or None."""
-    target = os.path.realpath(prefix)
-    for path in sorted(Path(prefix).parent.glob("*" + STATS_SUFFIX)):
-        try:
-            stats = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        outputs = stats.get("outputs") if isinstance(stats, dict) else None
+def preprocess_stats(prefix: str, _directories: dict | None = None) -> dict | None:
+    """The stats file beside ``prefix`` that lists it among its outputs, or None.
+
+    A stats file and its datasets are written into one directory, so outputs are matched by
+    file name: the match survives copying the directory elsewhere, whatever paths the stats
+    recorded. ``_directories`` caches each directory's stats files across calls.
+    """
+    directory = Path(prefix).parent
+    cache = {} if _directories is None else _directories
+    if directory not in cache:
+        cache[directory] = _stats_files(directory)
+    name = Path(prefix).name
+    for stats in cache[directory]:
+        outputs = stats.get("outputs")
         if isinstance(outputs, dict) and any(
-            isinstance(p, str) and os.path.realpath(p) == target for p in outputs.values()
+            isinstance(p, str) and Path(p).name == name for p in outputs.values()
         ):
             return stats
     return None
 
 
+def _stats_files(directory: Path) -> list[dict]:
+    found = []
+    for path in sorted(directory.glob("*" + STATS_SUFFIX)):
+        try:
+            stats = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning("%s is not readable JSON: not used to check its datasets", path)
+            continue
+        if isinstance(stats, dict):
+            found.append(stats)
+    return found
+
+
 def dataset_problems(data: DataConfig, vocab_size: int) -> list[Problem]:
     """Mismatches between ``data.data_path``'s recorded stats and the config."""
     problems = []
+    directories: dict = {}
     for prefix in data.data_path:
-        stats = preprocess_stats(prefix)
+        stats = preprocess_stats(prefix, directories)
         if stats is None:
             continue
         has_eod = bool(stats.get("append_eod"))
@@ -101,24 +120,31 @@ def merged_stats(prefixes: list[str]) -> dict | None:
     """The stats of a dataset merged from ``prefixes``: None when some input has none; a
     ValueError when the inputs were written with other tokenizers or EOD settings (their ids
     would mean different things in one dataset)."""
-    found = [preprocess_stats(prefix) for prefix in prefixes]
+    directories: dict = {}
+    found = [preprocess_stats(prefix, directories) for prefix in prefixes]
     if any(stats is None for stats in found):
         return None
-    keys = ("tokenizer_vocab_size", "eod_id", "append_eod", "dtype")
-    kinds = {tuple(stats.get(key) for key in keys) for stats in found}
+    # Compared where every input recorded them (stats of earlier versions lack some).
+    keys = [
+        key
+        for key in ("tokenizer_type", "tokenizer_vocab_size", "eod_id", "append_eod", "dtype")
+        if all(key in stats for stats in found)
+    ]
+    kinds = {tuple(stats[key] for key in keys) for stats in found}
     if len(kinds) > 1:
         described = "; ".join(
-            f"{prefix}: " + ", ".join(f"{k}={stats.get(k)}" for k in keys)
+            f"{prefix}: " + ", ".join(f"{k}={stats[k]}" for k in keys)
             for prefix, stats in zip(prefixes, found)
         )
         raise ValueError(f"the datasets were preprocessed differently: {described}")
-    first = found[0]
+    largest = [stats.get("max_token_id") for stats in found]
     return {
         "inputs": list(prefixes),
-        **{key: first.get(key) for key in ("tokenizer_type", "tokenizer_model", *keys)},
+        **{key: found[0][key] for key in keys},
         "num_docs": sum(stats.get("num_docs", 0) for stats in found),
         "num_tokens": sum(stats.get("num_tokens", 0) for stats in found),
-        "max_token_id": max(stats.get("max_token_id", -1) for stats in found),
+        # Unknown when an input did not record it: never a number that is not true.
+        "max_token_id": None if None in largest else max(largest),
     }
 
 

@@ -65,14 +65,15 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
 
 
 def latest_run_records(records: list[dict]) -> list[dict]:
-    """The records of a file that a resumed run appended to, as one run: a record whose ``step``
-    is below the one before it starts a resumed run, which replaces every earlier record from
-    that step on (the crashed run's steps after its last checkpoint were done again)."""
+    """The records of a file that a resumed run appended to, as one run. A run writes one record
+    per step, in step order, so a record whose ``step`` is not above the one before it starts a
+    resumed run, which replaces every earlier record from that step on (the crashed run's steps
+    after its last checkpoint were done again)."""
     kept: list[dict] = []
     last = None
     for record in records:
         step = record.get("step")
-        if isinstance(step, int) and last is not None and step < last:
+        if isinstance(step, int) and last is not None and step <= last:
             kept = [r for r in kept if not (isinstance(r.get("step"), int) and r["step"] >= step)]
         if isinstance(step, int):
             last = step

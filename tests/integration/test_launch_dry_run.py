@@ -83,8 +83,8 @@ def test_slurm_script_dry_run_four_nodes_of_eight_gpus(tmp_path):
         assert opts["rdzv-endpoint"] == "h100-07:29837"
         assert opts["rdzv-id"] == "31337"
         assert argv[argv.index("-m") + 1] == "megatron_ext.train"
-        # No run directory of the script's own: the config's decides, for every submission.
-        assert argv[-2:] == ["--config", str(config)]
+        # The config names no run directory: one per job, kept across requeues.
+        assert argv[-1] == "--run_dir=runs/megatron_ext-31337"
     out = result.stdout
     hosts = ["h100-07", "h100-08", "h100-09", "h100-12"]
     for rank, host in enumerate(hosts):
@@ -95,7 +95,16 @@ def test_slurm_script_dry_run_four_nodes_of_eight_gpus(tmp_path):
     assert out.count("export CUDA_DEVICE_MAX_CONNECTIONS=1") == 4
     assert out.count("WARNING: mlx5_3:1 (InfiniBand) is DOWN") == 4
     assert "# would run: srun --ntasks-per-node=1" in out
-    assert "# run directory: the config's run_dir" in out
+    assert "# run directory: runs/megatron_ext-31337 (the config names none" in out
+    # A config that names one keeps it, for every submission (a resubmitted job resumes).
+    config.write_text(config.read_text() + "run_dir: runs/exp7\n")
+    result = run(
+        ["bash", str(REPO / "launch" / "slurm_multi_node.sbatch"), "--config", str(config)],
+        env,
+        tmp_path,
+    )
+    assert "# run directory: runs/exp7, the config's" in result.stdout
+    assert all("--run_dir" not in " ".join(argv) for argv in torchrun_lines(result.stdout))
     assert not (tmp_path / "logs").exists()  # nothing created, nothing started
 
 

@@ -259,3 +259,14 @@ def test_a_load_that_would_pad_the_vocabulary_differently_is_refused():
         check_padded_vocab(65536, recipe, tp, "x")
     with pytest.raises(ConfigError, match="a tensor-parallel size that divides 2101"):
         check_padded_vocab(2101, {"vocab_size": 2101, "make_vocab_size_divisible_by": 1}, 2, "x")
+
+
+def test_fingerprints_of_another_version_fall_back_to_paths(caplog):
+    older = [{**f, "version": 0} for f in TRAINED_ON]
+    current = [{**f, "version": 1} for f in TRAINED_ON]
+    with caplog.at_level(logging.WARNING):
+        assert check_config_change(SAVED, _changed(), [], "x", data=(older, current)) == {}
+    assert "of another version" in caplog.text
+    moved = _changed(data__data_path=["/nvme/a", "/nvme/b"])
+    with pytest.raises(ConfigError):
+        check_config_change(SAVED, moved, [], "x", data=(older, current))

@@ -79,11 +79,13 @@ def test_a_resumed_run_replaces_the_steps_it_did_again():
     from megatron_ext.monitoring.sinks import latest_run_records
 
     crashed = [{"step": s, "loss": 10.0 - s} for s in range(1, 8)]
-    crashed.insert(5, {"step": 5, "val_loss": 4.5})  # two records of one step stay together
     resumed = [{"step": s, "loss": 20.0 - s} for s in range(6, 10)]
     records = latest_run_records(crashed + resumed)
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 5, 6, 7, 8, 9]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert [r.get("loss") for r in records if r["step"] >= 6] == [14.0, 13.0, 12.0, 11.0]
+    # A crash one logged step after the checkpoint: the resumed run starts at the last step.
+    records = latest_run_records(crashed[:6] + resumed)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     # A second crash and resume behind the first one's resume point.
     again = latest_run_records(crashed + resumed + [{"step": 3, "loss": 0.0}])
     assert [r["step"] for r in again] == [1, 2, 3] and again[-1]["loss"] == 0.0
