@@ -144,6 +144,12 @@ class TrainingMonitor:
     def last_decision(self) -> Decision | None:
         return self._decision
 
+    def forward_backward_done(self) -> None:
+        """The step's forward and backward passes are over: stop recording activations, so that
+        an evaluation before ``end_step`` is not counted. ``record_gradients`` does it too, but
+        an fp16 overflow skips the update gate that calls it."""
+        self.activations.detach()
+
     def record_gradients(self, step: int, loss_scale: float = 1.0) -> None:
         """After ``finish_grad_sync`` and before clipping (which scales the buffers in place):
         keep this rank's per-layer squared gradient sums. ``loss_scale``: the fp16 scale still

@@ -230,6 +230,7 @@ def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
                 allow_update=monitor.update_gate(plan.step + 1, loss_scale),
             )
             step_time = time.perf_counter() - began
+            monitor.forward_backward_done()
             # The LR schedule follows the step count, skipped updates included, so that it stays
             # the closed form of progress (as the data position does).
             lr = run.optimizer.param_groups[0]["lr"]

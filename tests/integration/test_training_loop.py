@@ -113,6 +113,34 @@ def test_fp16_overflow_skips_step_halves_scale_and_continues(token_dataset, tmp_
     assert rows[-1]["consumed_tokens"] == 10 * 4 * 64
 
 
+def test_an_evaluation_after_an_overflow_step_is_not_in_its_activation_statistics(
+    token_dataset, tmp_path
+):
+    """An fp16 overflow skips the update gate, which is where the activation hooks came off: the
+    evaluation that followed was counted into the step's statistics."""
+    stats = {}
+    for eval_interval in (1, 0):  # an evaluation right after step 1, or none before the end
+        run_dir = tmp_path / f"eval_{eval_interval}"
+        extra = [
+            "--precision.dtype=fp16",
+            "--precision.initial_loss_scale=16777216",  # the first backward overflows
+            "--schedule.global_batch_size=4",
+            "--schedule.micro_batch_size=2",
+            "--schedule.train_steps=3",
+            "--schedule.curriculum.enabled=false",
+            "--data.split=80,20",
+            "--training.eval_iters=1",
+            f"--training.eval_interval={eval_interval}",
+            "--monitoring.activation_stats_interval=1",
+        ]
+        run_on_local_processes(_run, 1, _overrides(token_dataset, run_dir, extra), None)
+        assert _metrics(run_dir)[0]["skipped"] is True
+        lines = (run_dir / "activation_stats.jsonl").read_text().splitlines()
+        stats[eval_interval] = json.loads(lines[0])
+    assert stats[1]["step"] == stats[0]["step"] == 1
+    assert stats[1]["layers"] == stats[0]["layers"]
+
+
 def test_recipe_at_reduced_size_runs_with_every_feature(token_dataset, tmp_path):
     """recipe_1b.yaml with a tiny model on 4 CPU processes: TP2 x DP2, sequence parallel, bf16,
     distributed optimizer with the overlapped gradient reduce and weight all-gather, the
