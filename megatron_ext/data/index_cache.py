@@ -174,29 +174,47 @@ class PruneReport:
 def prune(directory: str, keep: set[str], stale_after_s: float = STALE_AFTER_S) -> PruneReport:
     """Delete the entries of ``directory`` not named in ``keep``, and what dead builders left.
 
-    Removes every entry directory (``<kind>-<digest>`` holding a ``meta.json``) whose name is
-    not in ``keep``, and build markers and ``.tmp-`` directories unchanged for ``stale_after_s``
-    (their builder is gone). Anything else in the directory is left alone, and so is what other
-    processes rename or delete meanwhile. A process that has an entry memory-mapped keeps
-    reading it (the files stay until unmapped); one that loads it later builds it again.
+    Removes every entry directory (``<kind>-<digest>``) whose name is not in ``keep`` (complete,
+    or incomplete and unchanged for ``stale_after_s``: what an interrupted removal left), and
+    build markers and ``.tmp-`` directories unchanged for ``stale_after_s`` (their builder is
+    gone). An entry is first renamed to a ``.tmp-`` name, so a removal that fails part-way (an
+    NFS file still open elsewhere) leaves no half entry under the entry's name, where it would
+    block its rebuild; a later prune removes the rest. Anything else in the directory is left
+    alone, and so is what other processes rename or delete meanwhile. On a local filesystem a
+    process that has an entry memory-mapped keeps reading it (the files stay until unmapped); on
+    NFS another node's mapping of a deleted file fails, so prune a shared directory only while
+    no job reads it.
     """
     removed, freed = [], 0
     now = time.time()
     for item in sorted(os.scandir(directory), key=lambda e: e.name):
         if not _prunable(item, keep, now, stale_after_s):
             continue
-        freed += tree_bytes(item.path)
+        size = tree_bytes(item.path)
         if item.is_dir(follow_symlinks=False):
-            shutil.rmtree(item.path, ignore_errors=True)
+            trash = os.path.join(
+                directory, f".tmp-pruned-{item.name}-{socket.gethostname()}-{os.getpid()}"
+            )
+            try:
+                os.rename(item.path, trash)
+            except OSError:
+                continue  # removed or renamed by another process meanwhile
+            shutil.rmtree(trash, ignore_errors=True)
         else:
             _remove(item.path)
+        freed += size
         removed.append(item.name)
     return PruneReport(removed, freed)
 
 
 def _prunable(item: os.DirEntry, keep: set[str], now: float, stale_after_s: float) -> bool:
     if item.is_dir(follow_symlinks=False) and _ENTRY_NAME.fullmatch(item.name):
-        return item.name not in keep and os.path.exists(os.path.join(item.path, "meta.json"))
+        if item.name in keep:
+            return False
+        if os.path.exists(os.path.join(item.path, "meta.json")):
+            return True
+        changed = _newest_mtime(item.path)  # incomplete: what an interrupted removal left
+        return changed is not None and now - changed > stale_after_s
     if item.name.startswith(".tmp-") and item.is_dir(follow_symlinks=False):
         changed = _newest_mtime(item.path)
     elif item.name.endswith(".building") and item.is_file(follow_symlinks=False):

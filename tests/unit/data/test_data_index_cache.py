@@ -206,6 +206,27 @@ def test_prune_keeps_what_is_named_and_what_is_in_use(tmp_path):
     assert again.built == [names[2]]
 
 
+def test_an_entry_left_incomplete_is_pruned_and_then_rebuilt(tmp_path):
+    """An interrupted removal (an NFS file still open elsewhere) leaves an entry without its
+    meta.json: loading it fails with the fix, and prune clears it once it is stale."""
+    cache = IndexCache(str(tmp_path))
+    build = lambda: IndexEntry({"x": np.arange(1000)}, {})  # noqa: E731
+    cache.get("order", {"k": 0}, build)
+    name = entry_name("order", {"k": 0})
+    (tmp_path / name / "meta.json").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        IndexCache(str(tmp_path), poll_s=0.001).get("order", {"k": 0}, build)
+    assert prune(str(tmp_path), keep=set()).removed == []  # changed just now: maybe in use
+    for item in (tmp_path / name).iterdir():
+        os.utime(item, (time.time() - 3600,) * 2)
+    os.utime(tmp_path / name, (time.time() - 3600,) * 2)
+    assert prune(str(tmp_path), keep=set()).removed == [name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    again = IndexCache(str(tmp_path))
+    again.get("order", {"k": 0}, build)
+    assert again.built == [name]
+
+
 def test_an_entry_pruned_while_it_is_read_is_built_again(tmp_path):
     # Another job's ``build_data_index.py --prune`` deletes the entries this process reads.
     cache = IndexCache(str(tmp_path), poll_s=0.001, max_poll_s=0.01)
