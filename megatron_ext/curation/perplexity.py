@@ -143,8 +143,14 @@ def train_perplexity_models(
         scorer = load_kenlm(output_dir / arpa_name)
         source = "heldout" if len(held[lang]) >= min_heldout_docs else "train"
         docs = held[lang] if source == "heldout" else train[lang]
-        scores = (document_perplexity(scorer, d, unit) for d in docs)
-        values = [p for p in scores if p is not None]
+        values = [p for d in docs if (p := document_perplexity(scorer, d, unit)) is not None]
+        if not values and source == "heldout":
+            # Held-out documents without a scorable word (digits, punctuation): use the training
+            # documents, as for a language with too few held-out documents.
+            source = "train"
+            values = [
+                p for d in train[lang] if (p := document_perplexity(scorer, d, unit)) is not None
+            ]
         entries[lang] = {
             "arpa": arpa_name,
             "order": order,

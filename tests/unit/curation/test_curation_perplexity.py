@@ -130,3 +130,16 @@ def test_filter_removes_garbage_and_keeps_real_text(tmp_path):
     ]
     assert [r["text"] for r in out] == [r["text"] for r in before if r["kind"] == "real"]
     assert len(out) >= len(records) // 2 - 2
+
+
+def test_held_out_documents_without_words_fall_back_to_the_training_documents(tmp_path):
+    """A language whose held-out documents normalise to nothing (digits, punctuation) takes
+    its percentiles from the training documents instead of failing."""
+    from megatron_ext.curation.perplexity import train_perplexity_models
+
+    train = [("xx", "the cat sat on the mat and the dog sat on the log")] * 3
+    manifest = train_perplexity_models(
+        train, tmp_path / "models", heldout_docs=[("xx", "!!! ??? ... --")]
+    )
+    entry = manifest["languages"]["xx"]
+    assert entry["percentiles_from"] == "train" and entry["percentile_docs"] == 3
