@@ -278,6 +278,15 @@ def validate_curation_config(cfg: CurationConfig) -> None:
     ppl = cfg.perplexity
     if ppl.enabled:
         pc.check(
+            cfg.langid.enabled,
+            "perplexity.enabled",
+            True,
+            "scores each document with its language's model, and with langid off every "
+            "document's language is unknown: the filter would keep everything (missing_model: "
+            "keep) or drop everything (drop)",
+            "set langid.enabled=true, or perplexity.enabled=false",
+        )
+        pc.check(
             ppl.reference == "builtin" or bool(ppl.model_dir),
             "perplexity.model_dir",
             ppl.model_dir,

@@ -143,3 +143,21 @@ def test_held_out_documents_without_words_fall_back_to_the_training_documents(tm
     )
     entry = manifest["languages"]["xx"]
     assert entry["percentiles_from"] == "train" and entry["percentile_docs"] == 3
+
+
+def test_perplexity_filter_without_language_id_is_refused():
+    from megatron_ext.config.errors import ConfigError
+    from megatron_ext.curation.config import (
+        CurationConfig,
+        LangIdConfig,
+        PerplexityConfig,
+        validate_curation_config,
+    )
+
+    config = CurationConfig(
+        langid=LangIdConfig(enabled=False),
+        perplexity=PerplexityConfig(enabled=True, reference="builtin"),
+    )
+    with pytest.raises(ConfigError) as info:
+        validate_curation_config(config)
+    assert info.value.fields() == ["perplexity.enabled"]
