@@ -320,7 +320,11 @@ def _heartbeat(marker: str, stop: threading.Event) -> None:
         try:
             os.utime(marker)
         except FileNotFoundError:
-            return
+            return  # taken over, or the build ended
+        except OSError as exc:
+            # A transient error of a shared filesystem (ESTALE, EIO): a heartbeat that stopped
+            # here would let waiters take a live build over after ``STALE_AFTER_S``.
+            logger.warning("index build marker %s: %s; touching it again", marker, exc)
 
 
 def _mtime(path: str) -> float | None:
