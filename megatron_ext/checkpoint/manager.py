@@ -51,7 +51,7 @@ from megatron_ext.checkpoint.compatibility import (
 from megatron_ext.checkpoint.config import CheckpointConfig
 from megatron_ext.checkpoint.directory import CheckpointError
 from megatron_ext.checkpoint.rng import capture_rng_state, reseed_rng, restore_rng_state
-from megatron_ext.parallel.init import ParallelContext
+from megatron_ext.parallel.init import ParallelContext, on_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -668,17 +668,6 @@ def _barrier(ctx: ParallelContext) -> None:
 
 
 def _on_rank0(ctx: ParallelContext, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 and hand its result (or its error) to every rank."""
-    result, error = None, None
-    if ctx.rank == 0:
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - the other ranks wait for an answer: always send one
-            error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-    if _world() > 1:
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
-    if error is not None:
-        raise CheckpointError(error)
-    return result
+    """Run ``fn`` on rank 0 and hand its result (or its error, as a CheckpointError) to every
+    rank."""
+    return on_rank0(ctx.rank, fn, CheckpointError)

@@ -54,7 +54,7 @@ def split_index(
     cache: IndexCache,
 ) -> dict[str, DocumentIndex]:
     """Train / valid / test ``DocumentIndex`` of the dataset at ``prefix``."""
-    _require_dataset(prefix)
+    require_dataset(prefix)
     key = {
         "dataset": dataset_identity(prefix),
         "split": [float(f) for f in fractions],
@@ -115,7 +115,7 @@ def _part_lengths(
     return lengths.astype(np.int32)
 
 
-def _require_dataset(prefix: str) -> None:
+def require_dataset(prefix: str) -> None:
     if not IndexedDataset.exists(prefix):
         raise ValueError(f"indexed dataset {prefix!r} not found (expected {prefix}.bin/.idx)")
 
@@ -145,7 +145,7 @@ class DocumentSource:
             raise ValueError("append_eod needs eod_token_id")
         if index is not None and document_ids is not None:
             raise ValueError("give document_ids or index, not both")
-        _require_dataset(prefix)
+        require_dataset(prefix)
         self.prefix = prefix
         self.dataset = IndexedDataset(prefix, mmap=True)
         self.append_eod = append_eod

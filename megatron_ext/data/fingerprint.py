@@ -27,6 +27,8 @@ import os
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_ext.data.documents import require_dataset
+
 FINGERPRINT_VERSION = 1
 """Bumped with any change of what is read or hashed: fingerprints of another version are not
 compared (a resume then compares the datasets by path only)."""
@@ -45,8 +47,7 @@ FINGERPRINT_FIELDS = (
 
 def dataset_fingerprint(prefix: str) -> dict:
     """The fingerprint of the indexed dataset ``prefix`` (``.bin`` and ``.idx``)."""
-    if not IndexedDataset.exists(prefix):
-        raise ValueError(f"indexed dataset {prefix!r} not found (expected {prefix}.bin/.idx)")
+    require_dataset(prefix)
     index = IndexedDataset(prefix, mmap=True).index
     digest = hashlib.sha256()
     sizes = {}

@@ -7,8 +7,10 @@ what it needs (ranks, groups, the layout) from the ``ParallelContext`` returned 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -129,6 +131,27 @@ def pipeline_stage_ends(vp_stage: int | None) -> tuple[bool, bool]:
         parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
     )
+
+
+def on_rank0(rank: int, fn: Callable[[], Any], error: type[Exception]) -> Any:
+    """Run ``fn`` on rank 0 and hand its result to every rank (a world of one runs it alone).
+
+    An exception on rank 0 reaches every rank as ``error``: its message as it is when it is an
+    ``error`` already, else prefixed with its type. The other ranks wait for an answer, so one is
+    always sent; none of them is left in the broadcast while rank 0 raises."""
+    result, failure = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - the other ranks wait: always answer
+            failure = str(exc) if isinstance(exc, error) else f"{type(exc).__name__}: {exc}"
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(result, failure)]
+        dist.broadcast_object_list(box, src=0)
+        result, failure = box[0]
+    if failure is not None:
+        raise error(failure)
+    return result
 
 
 def destroy_parallel() -> None:

@@ -32,7 +32,12 @@ from megatron_ext.data.fingerprint import data_fingerprints
 from megatron_ext.data.prefetch import BatchPrefetcher, make_step_loader
 from megatron_ext.data.token_stream import build_token_streams
 from megatron_ext.monitoring.monitor import TrainingMonitor, format_record
-from megatron_ext.parallel.init import ParallelContext, destroy_parallel, initialize_parallel
+from megatron_ext.parallel.init import (
+    ParallelContext,
+    destroy_parallel,
+    initialize_parallel,
+    on_rank0,
+)
 from megatron_ext.training.experiment import ExperimentConfig, validate_experiment
 from megatron_ext.training.optimizer import current_loss_scale
 from megatron_ext.training.schedules import (
@@ -100,7 +105,9 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
         save_config(cfg, run_dir / "config.yaml")
     _check_tokenizer(cfg)
     streams = build_token_streams(cfg.data)
-    fingerprints = _data_fingerprints(cfg, ctx)
+    # Rank 0 reads them (a few hundred small reads per dataset, whatever its size) and every
+    # rank takes its answer, or its error, so that all ranks agree on a resume's check.
+    fingerprints = on_rank0(ctx.rank, lambda: data_fingerprints(cfg.data.data_path), ValueError)
     trainable = build_trainable(
         cfg.model,
         cfg.parallel,
@@ -138,23 +145,6 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
     return _Run(
         ctx, ddp_chunks, optimizer, scheduler, streams, progress, fingerprints, monitor_state
     )
-
-
-def _data_fingerprints(cfg: ExperimentConfig, ctx: ParallelContext) -> list[dict]:
-    """Rank 0 reads the fingerprints (a few hundred small reads per dataset, whatever its size)
-    and every rank takes its answer, or its error, so that all ranks agree on a resume's check."""
-    box: list = [(None, None)]
-    if ctx.rank == 0:
-        try:
-            box = [(data_fingerprints(cfg.data.data_path), None)]
-        except (OSError, ValueError) as exc:
-            box = [(None, f"{type(exc).__name__}: {exc}")]
-    if ctx.layout.world_size > 1:
-        torch.distributed.broadcast_object_list(box, src=0)
-    fingerprints, error = box[0]
-    if error is not None:
-        raise ValueError(f"reading the fingerprints of data.data_path failed: {error}")
-    return fingerprints
 
 
 def _schedule_change_allowed(cfg: ExperimentConfig) -> bool:
