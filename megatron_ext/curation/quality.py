@@ -8,14 +8,12 @@ apply to Chinese and Japanese.
 
 from __future__ import annotations
 
-import functools
 import re
-import sys
-import unicodedata
 from collections import Counter
 
 from megatron_ext.curation.config import QualityConfig
 from megatron_ext.curation.text import (
+    deletion_table,
     normalized_words,
     split_words,
     unspaced_words,
@@ -26,15 +24,6 @@ _HANGUL_WORD_RE = re.compile("\\S*[\uac00-\ud7af]\\S*")
 _LETTER_RE = re.compile(r"[^\W\d_]")
 _DIGIT_RE = re.compile(r"\d")
 _BULLETS = ("•", "●", "◦", "▪", "‣", "⁃", "∙", "·", "*", "-", "–", "—", "→", "►")
-
-
-@functools.cache
-def _punctuation_table() -> dict[int, None]:
-    return {
-        code: None
-        for code in range(sys.maxunicode + 1)
-        if unicodedata.category(chr(code)).startswith("P")
-    }
 
 
 class QualityFilter:
@@ -92,7 +81,7 @@ class QualityFilter:
             return "symbol_word_ratio"
         without_letter = [w for w in words if not _LETTER_RE.search(w)]
         # Stand-alone punctuation (CJK commas and full stops, dashes) is not a word here.
-        punctuation_only = sum(1 for w in without_letter if not w.translate(_punctuation_table()))
+        punctuation_only = sum(1 for w in without_letter if not w.translate(deletion_table("P")))
         counted = num_words - punctuation_only
         with_letter = num_words - len(without_letter)
         if not counted or with_letter / counted < cfg.min_alpha_word_fraction:
