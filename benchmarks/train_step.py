@@ -5,8 +5,8 @@ vocabulary 65,536, untied embeddings) on random non-zero tokens, in bf16 with Ad
 step per micro-batch. Each (variant, shape) runs in its own process (a clean allocator, so the peak
 memory is its own); warm-up steps, which include compilation, are excluded from the timing.
 
-Variants (``--variants``; the first four and the default candidate ``megatron_ext_wgrad_fusion``
-are the comparison, run first at every shape; the rest are attributions, run shape by shape):
+Variants (``--variants``; ``megatron_ext`` and the four Hugging Face variants are the comparison,
+run first at every shape; the rest are attributions and candidates, run shape by shape):
 
   megatron_ext        the default build: local layers + SDPA; without Transformer Engine on a GPU
                       the fast path (each layer under torch.compile, chunked cross-entropy),
@@ -25,8 +25,8 @@ are the comparison, run first at every shape; the rest are attributions, run sha
   megatron_ext_megatron_grad_ops  megatron_ext with megatron-core's local gradient norm and
                       clip fallbacks and the clip before the update (attribution)
   megatron_ext_wgrad_fusion  megatron_ext with model.wgrad_fusion=on: the weight-gradient GEMMs
-                      accumulate straight into DDP's fp32 main_grad (a candidate for the default,
-                      run with the comparison)
+                      accumulate straight into DDP's fp32 main_grad (a candidate for the default;
+                      no faster on an H100 in the 2026-11-27 run 3, so an attribution now)
   megatron_ext_split_layers  megatron_ext with megatron-core's stock RowParallelLinear, whose
                       deprecation warning splits every compiled layer into pieces (attribution of
                       models/linear.py)
@@ -148,9 +148,9 @@ VARIANTS: dict[str, tuple[int, str, dict, float]] = {
     "megatron_ext_megatron_grad_ops": (1, "megatron_ext", {"megatron_grad_ops": True}, 40.0),
     "megatron_ext_split_layers": (1, "megatron_ext", {"stock_row_linear": True}, 45.0),
     "megatron_ext_loss_read_first": (2, "megatron_ext", {"wait_before_grad_prep": True}, 40.0),
-    # A candidate for the default: in the comparison, so that one run measures it at every shape
-    # next to the baselines (switching the default needs both shapes from the same run).
-    "megatron_ext_wgrad_fusion": (0, "megatron_ext", {"wgrad_fusion": "on"}, 45.0),
+    # A candidate for the default (switching it needs both shapes from the same run); measured no
+    # faster next to the default on 2026-11-27, so it runs with the attributions.
+    "megatron_ext_wgrad_fusion": (1, "megatron_ext", {"wgrad_fusion": "on"}, 45.0),
     "megatron_ext_plain": (
         1,
         "megatron_ext",
@@ -184,10 +184,12 @@ STEP_SETTINGS = (
 )
 # hf_eager first: the first job on a fresh machine ran with more GPU idle time than the same job
 # later (24 against 7.5 ms per step, 2026-11-27), and hf_eager is never the fastest variant.
+# hf_compile last among the baselines: it compiles longest and is never the fastest at 8,192 x 1.
+# The attributions start with the suspect of run 3's GPU idle time (the per-weight update).
 DEFAULT_VARIANTS = (
-    "hf_eager,megatron_ext,hf_liger,hf_compile,hf_compile_causal,megatron_ext_wgrad_fusion,"
-    "megatron_ext_split_layers,megatron_ext_megatron_grad_ops,megatron_ext_separate_param_copy,"
-    "megatron_ext_plain,megatron_ext_foreach_adamw"
+    "hf_eager,megatron_ext,hf_liger,hf_compile_causal,hf_compile,"
+    "megatron_ext_separate_param_copy,megatron_ext_megatron_grad_ops,megatron_ext_split_layers,"
+    "megatron_ext_wgrad_fusion,megatron_ext_plain,megatron_ext_foreach_adamw"
 )
 
 

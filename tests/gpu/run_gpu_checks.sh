@@ -4,6 +4,7 @@
 #   bash tests/gpu/run_gpu_checks.sh [OUTPUT_DIR]        (default: benchmarks/results)
 #
 # Budget: GPU_CHECKS_BUDGET_S seconds in all (default 540, so it ends inside a 10-minute slot).
+# GPU_CHECKS_TESTS_RESERVE_S is the part of it kept for the gpu-marked tests (default 100).
 # GPU_CHECKS_BENCH_ARGS adds arguments to the benchmark (e.g. "--steps 20", or for a CPU rehearsal
 # "--tiny --cpu --shapes 32x2 --steps 2 --warmup 1").
 # In priority order it runs
@@ -18,7 +19,7 @@
 #      to the dry-run estimate for one GPU; jobs that no longer fit the budget are listed as
 #      skipped;
 #   2. the gpu-marked tests (tests/gpu: the fast path's numerics, then fused AdamW and background
-#      checkpoint saves on CUDA), with the time that is left (at least 100 s reserved).
+#      checkpoint saves on CUDA), with the time that is left (GPU_CHECKS_TESTS_RESERVE_S reserved).
 # Written to OUTPUT_DIR: environment.txt, benchmark.log, train_step.json, train_step.md,
 # gpu_tests.log. Reports are rewritten after every benchmark job, so a cut-off run keeps what
 # finished.
@@ -33,7 +34,7 @@ cd "$repo"
 out="${1:-$repo/benchmarks/results}"
 mkdir -p "$out"
 budget="${GPU_CHECKS_BUDGET_S:-540}"
-tests_reserve=100
+tests_reserve="${GPU_CHECKS_TESTS_RESERVE_S:-100}"
 start=$(date +%s)
 python=python3
 

@@ -78,9 +78,9 @@ def test_attributions_run_shape_by_shape_after_the_comparison(bench):
     ]
 
 
-def test_default_plan_measures_the_default_candidate_at_every_shape_before_attributions(bench):
+def test_default_plan_measures_the_comparison_at_every_shape_before_attributions(bench):
     order = _order(bench, ["--shapes", "4096x2,8192x1"])
-    comparison = {*bench.BASELINES, "megatron_ext", "megatron_ext_wgrad_fusion"}
+    comparison = {*bench.BASELINES, "megatron_ext"}
     assert set(order[: 2 * len(comparison)]) == {
         (variant, shape) for variant in comparison for shape in ("4096x2", "8192x1")
     }
