@@ -2,8 +2,11 @@
 
 ``profile_steps`` runs a step function under ``torch.profiler`` and returns, per step, the total
 kernel time, the time per category (communication, attention, optimizer, GEMM, Inductor/Triton
-fused kernels, copies, other elementwise and reduction kernels) and the most expensive kernels.
-On a CPU it records the operators' self time instead, which is enough to exercise the code path.
+fused kernels, copies, other elementwise and reduction kernels) and the most expensive kernels,
+and where the device sat idle between kernels (``idle_gaps``: the gaps in the union of the kernels'
+time ranges, grouped by the kernels on either side, so a host that falls behind shows at the point
+in the step where it does). On a CPU it records the operators' self time and the gaps between
+operators instead, which is enough to exercise the code path.
 """
 
 from __future__ import annotations
@@ -54,8 +57,42 @@ def summarise(times_us: dict[str, float], steps: int, top: int = 40) -> dict:
     }
 
 
+def idle_gaps(
+    intervals: list[tuple[float, float, str]], steps: int, top: int = 8, name_chars: int = 60
+) -> dict:
+    """Idle time between ``(start_us, end_us, name)`` intervals (kernels; several streams may
+    overlap), per step: the span from the first start to the last end, the time no interval
+    covers, and the ``top`` groups of gaps by (the interval that ended last before the gap, the
+    one that starts after it), each with its count and milliseconds per step."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not intervals:
+        return {"span_ms": 0.0, "idle_ms": 0.0, "gaps": []}
+    ordered = sorted(intervals, key=lambda item: (item[0], item[1]))
+    busy_until, last_name = ordered[0][1], ordered[0][2]
+    groups: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    for start, end, name in ordered[1:]:
+        if start > busy_until:
+            group = groups[(last_name[:name_chars], name[:name_chars])]
+            group[0] += 1
+            group[1] += start - busy_until
+        if end >= busy_until:
+            busy_until, last_name = end, name
+    idle_us = sum(us for _, us in groups.values())
+    ranked = sorted(groups.items(), key=lambda item: item[1][1], reverse=True)
+    return {
+        "span_ms": round((busy_until - ordered[0][0]) / steps / 1e3, 3),
+        "idle_ms": round(idle_us / steps / 1e3, 3),
+        "gaps": [
+            [before, after, round(count / steps, 1), round(us / steps / 1e3, 3)]
+            for (before, after), (count, us) in ranked[:top]
+        ],
+    }
+
+
 def profile_steps(step: Callable[[int], float], first_index: int, steps: int, device: str) -> dict:
-    """Run ``step(first_index + i)`` for ``steps`` steps under the profiler; ``summarise`` them."""
+    """Run ``step(first_index + i)`` for ``steps`` steps under the profiler; ``summarise`` them
+    and add their ``idle_gaps`` (``idle``)."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device == "cuda"
@@ -66,6 +103,7 @@ def profile_steps(step: Callable[[int], float], first_index: int, steps: int, de
         if on_gpu:
             torch.cuda.synchronize()
     times: dict[str, float] = defaultdict(float)
+    intervals: list[tuple[float, float, str]] = []
     for event in prof.events():
         if on_gpu:
             if event.device_type != torch.autograd.DeviceType.CUDA:
@@ -73,7 +111,8 @@ def profile_steps(step: Callable[[int], float], first_index: int, steps: int, de
             times[event.name] += _device_time_us(event)
         else:
             times[event.name] += event.self_cpu_time_total
-    return summarise(dict(times), steps)
+        intervals.append((event.time_range.start, event.time_range.end, event.name))
+    return {**summarise(dict(times), steps), "idle": idle_gaps(intervals, steps)}
 
 
 def _device_time_us(event) -> float:
@@ -115,5 +154,30 @@ def markdown_lines(records: list[dict], top: int = 12) -> list[str]:
         lines += [
             f"- {ms:.2f} [{categorise(name)}] `{name}`"
             for name, ms in r["profile"]["top_kernels_ms"][:top]
+        ]
+    lines += _idle_lines(profiled)
+    return lines
+
+
+def _idle_lines(profiled: list[dict], top: int = 5) -> list[str]:
+    """Per profiled run: its idle time between kernels and where the largest gaps fall."""
+    with_idle = [r for r in profiled if r["profile"].get("idle", {}).get("span_ms")]
+    if not with_idle:
+        return []
+    lines = [
+        "",
+        "Idle time between kernels (ms per step, over the profiled steps' span; the largest "
+        "groups of gaps as kernel before -> kernel after, gaps per step, ms per step):",
+    ]
+    for r in with_idle:
+        idle = r["profile"]["idle"]
+        lines += [
+            "",
+            f"- {r['variant']} at {r['shape']}: {idle['idle_ms']:.1f} idle of "
+            f"{idle['span_ms']:.1f}",
+        ]
+        lines += [
+            f"  - {ms:.2f} in {count:g} gaps: `{before}` -> `{after}`"
+            for before, after, count, ms in idle["gaps"][:top]
         ]
     return lines

@@ -51,7 +51,8 @@ logits, attention scores not halved for causality, no embedding lookup) and with
 per token (the count behind earlier published percentages), peak allocated and reserved memory, and
 the first/last loss, how many graphs ``torch.compile`` made and how many graph breaks it hit, and
 where the GPU time of ``--profile-steps`` further steps goes (``benchmarks/kernel_profile.py``:
-kernel time by category and the top kernels). For each shape, every variant's ratio to the
+kernel time by category, the top kernels, and the GPU's idle time between kernels grouped by the
+kernels on either side of each gap). For each shape, every variant's ratio to the
 fastest Hugging Face variant. Results go to
 ``<out-dir>/train_step.json`` and ``train_step.md`` with the card and versions.
 

@@ -1,10 +1,18 @@
-"""benchmarks/kernel_profile.py: kernel names into categories, and the per-step summary."""
+"""benchmarks/kernel_profile.py: kernel names into categories, the per-step summary and the idle
+time between kernels."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from benchmarks.kernel_profile import categorise, markdown_lines, summarise
+from benchmarks.kernel_profile import (
+    categorise,
+    idle_gaps,
+    markdown_lines,
+    profile_steps,
+    summarise,
+)
 
 
 @pytest.mark.parametrize(
@@ -65,3 +73,41 @@ def test_markdown_lists_profiled_runs_only():
     assert "hf_eager" not in text
     assert "- 3.00 [gemm] `nvjet_a`" in text
     assert markdown_lines(records[1:]) == []
+
+
+def test_idle_gaps_groups_gaps_by_their_neighbours_and_ignores_overlaps():
+    # Two steps: a 0.5 ms gap before each update (host behind), 0.1 ms between the steps, and an
+    # overlapping kernels on a second stream that must not count as idle time.
+    intervals = []
+    for t0 in (0.0, 10_000.0):
+        intervals += [
+            (t0, t0 + 4000.0, "gemm"),
+            (t0 + 500.0, t0 + 1500.0, "inside_the_gemm"),
+            (t0 + 2000.0, t0 + 4200.0, "side_stream"),
+            (t0 + 4200.0, t0 + 5000.0, "norm"),
+            (t0 + 5500.0, t0 + 9900.0, "update"),
+        ]
+    out = idle_gaps(intervals, steps=2)
+    assert out["span_ms"] == pytest.approx(19.9 / 2)
+    assert out["idle_ms"] == pytest.approx((0.5 * 2 + 0.1) / 2)
+    assert out["gaps"] == [["norm", "update", 1.0, 0.5], ["update", "gemm", 0.5, 0.05]]
+    assert idle_gaps([], steps=1) == {"span_ms": 0.0, "idle_ms": 0.0, "gaps": []}
+    with pytest.raises(ValueError, match="steps"):
+        idle_gaps(intervals, steps=0)
+
+
+def test_profile_steps_on_cpu_reports_operator_time_and_gaps():
+    weight = torch.randn(64, 64, requires_grad=True)
+
+    def step(index: int) -> float:
+        loss = (torch.randn(8, 64) @ weight).square().mean()
+        loss.backward()
+        return float(loss)
+
+    out = profile_steps(step, first_index=0, steps=2, device="cpu")
+    assert out["steps"] == 2 and out["total_ms"] > 0
+    idle = out["idle"]
+    assert 0 <= idle["idle_ms"] <= idle["span_ms"] and idle["span_ms"] > 0
+    records = [{"variant": "megatron_ext", "shape": "8x1", "step_s_mean": 0.01, "profile": out}]
+    text = "\n".join(markdown_lines(records))
+    assert "Idle time between kernels" in text and "- megatron_ext at 8x1:" in text
