@@ -146,7 +146,7 @@ def summarize(run_dir: Path) -> None:
     subprocess.run(
         [sys.executable, str(REPO / "tools/plot_run.py"), str(run_dir)], check=False, cwd=REPO
     )
-    print(f"metrics: {run_dir / 'metrics.jsonl'}; dashboards: {run_dir}/*.png")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}; dashboards: {run_dir / 'plots'}/*.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,7 @@ def dry_run_report(cfg, world_size: int) -> str:
     tp = cfg.parallel.tensor_model_parallel_size
     lines = [
         f"layout: {layout.describe()}",
-        f"model: {total_params(cfg.model, tp) / 1e9:.3f}B parameters, "
+        f"model: {_count(total_params(cfg.model, tp))} parameters, "
         f"{cfg.model.num_layers} layers,"
         f" padded vocabulary {cfg.model.padded_vocab_size(tp)}",
     ]
@@ -74,12 +74,25 @@ def dry_run_report(cfg, world_size: int) -> str:
     for est in estimates:
         lines.append(
             f"stage {est.stage}: {est.num_layers} layers, "
-            f"{est.params_per_gpu / 1e6:.1f}M params/GPU;"
-            f" memory/GPU ~{est.total_gib:.1f} GiB (weights {est.weights_gib:.1f}, grads "
-            f"{est.grads_gib:.1f}, optimizer {est.optimizer_gib:.1f}, activations "
-            f"{est.activations_gib:.1f})"
+            f"{_count(est.params_per_gpu)} params/GPU;"
+            f" memory/GPU ~{_size(est.total_gib)} (weights {_size(est.weights_gib)}, grads "
+            f"{_size(est.grads_gib)}, optimizer {_size(est.optimizer_gib)}, activations "
+            f"{_size(est.activations_gib)})"
         )
     return "\n".join(lines)
+
+
+def _count(n: float) -> str:
+    """A parameter count readable at any size: 1.024B, 35.3M, 81.9K."""
+    for scale, unit, digits in ((1e9, "B", 3), (1e6, "M", 1), (1e3, "K", 1)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f}{unit}"
+    return f"{n:.0f}"
+
+
+def _size(gib: float) -> str:
+    """GiB with one decimal, or MiB below 0.1 GiB (a small model's figures)."""
+    return f"{gib:.1f} GiB" if gib >= 0.1 else f"{gib * 1024:.1f} MiB"
 
 
 def _report(exc: Exception) -> None:
@@ -100,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     except ConfigError as exc:
         _report(exc)
+        if args.dry_run and not args.world_size and "WORLD_SIZE" not in os.environ:
+            print(
+                "note: the dry run planned for 1 process; pass --world-size N to plan for N",
+                file=sys.stderr,
+            )
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # megatron-core logs its bucket and optimizer set-up at INFO on every rank.

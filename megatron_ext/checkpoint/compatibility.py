@@ -14,7 +14,10 @@ existed. Set to anything else, it is a change like any other.
 The datasets are compared by content as well as by path when the checkpoint recorded their
 fingerprints (``data.fingerprint``): other paths to the same content (the files were copied
 elsewhere) are accepted and logged, and a dataset whose content changed under its path is refused
-as a change of ``data.data_path``.
+as a change of ``data.data_path``. The tokenizer likewise: when the checkpoint recorded its
+fingerprint (``Tokenizer.fingerprint``), the same tokenizer read from another path is accepted
+and logged (the tokens are in the datasets; the tokenizer is checked against them and exported
+with the model).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ multiple is free because ``check_padded_vocab`` compares what it decides, the pa
 
 _MISSING = "<absent>"
 DATA_PATH = "data.data_path"
+TOKENIZER_PATH = "tokenizer.tokenizer_model"
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -105,6 +109,7 @@ def check_config_change(
     log: bool = True,
     defaults: dict | None = None,
     data: tuple[list[dict] | None, list[dict]] | None = None,
+    tokenizer: tuple[dict | None, dict | None] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Raise ConfigError (one problem per field) for refused changes; log and return the others.
 
@@ -112,7 +117,9 @@ def check_config_change(
     ``defaults``: the config of all defaults; a field the saved config lacks (added to megatron_ext
     after the checkpoint was written) is accepted at its default. ``data``: the checkpoint's
     dataset fingerprints (None when it recorded none) and the current ones, one per
-    ``data.data_path`` entry; compared when the ``data`` section is.
+    ``data.data_path`` entry; compared when the ``data`` section is. ``tokenizer``: the
+    checkpoint's tokenizer fingerprint and the current one (None where there is none); equal
+    ones make a changed ``tokenizer.tokenizer_model`` a move, not a change.
     """
     changes = diff_configs(saved, current)
     if only_sections is not None:
@@ -124,6 +131,10 @@ def check_config_change(
         rewritten = _rewritten_datasets(data[0], data[1], paths, checkpoint, log)
         if rewritten == [] and DATA_PATH in changes:
             moved = changes.pop(DATA_PATH)
+    moved_tokenizer = None
+    if tokenizer is not None and TOKENIZER_PATH in changes and tokenizer[0] is not None:
+        if tokenizer[0] == tokenizer[1]:
+            moved_tokenizer = changes.pop(TOKENIZER_PATH)
     refused = [
         (key, new, f"differs from {old!r} in the checkpoint {checkpoint}")
         for key, (old, new) in changes.items()
@@ -142,6 +153,10 @@ def check_config_change(
         raise ConfigError(problems)
     if log:
         _log_accepted(changes, added, rewritten or [], moved)
+        if moved_tokenizer is not None:
+            logger.info(
+                "resume reads the same tokenizer from another place: %r -> %r", *moved_tokenizer
+            )
     return changes
 
 

@@ -176,6 +176,7 @@ def load_checkpoint(
     current_config_dict: dict,
     default_config_dict: dict | None = None,
     data_fingerprints: list[dict] | None = None,
+    tokenizer_fingerprint: dict | None = None,
 ) -> dict | None:
     """Restore the run from its checkpoint on all ranks; returns the saved run state.
 
@@ -184,6 +185,8 @@ def load_checkpoint(
     ``data_fingerprints`` (``data.fingerprint.data_fingerprints`` of the configured datasets) are
     compared with the ones the checkpoint's run state holds under ``data``: the same datasets
     at other paths resume, other contents at the same paths are refused.
+    ``tokenizer_fingerprint`` (``Tokenizer.fingerprint``) likewise lets the same tokenizer be
+    read from another path.
 
     Returns None when there is nothing to resume (no checkpoint yet, or ``finetune``, which loads
     only the weights). Raises ``CheckpointError`` for a missing or corrupt checkpoint (naming the
@@ -210,6 +213,7 @@ def load_checkpoint(
         data=None
         if data_fingerprints is None
         else (found["run_state"].get("data"), data_fingerprints),
+        tokenizer=(found["run_state"].get("tokenizer"), tokenizer_fingerprint),
     )
     if "model" in current_config_dict and "model" in found["config"]:
         saved_rows = found["meta"].get("padded_vocab_size") or _stored_vocab_rows(path)

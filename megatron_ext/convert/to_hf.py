@@ -88,10 +88,22 @@ def convert_to_hf(
         special = _export_tokenizer(tokenizer_source, work, model.config)
         _write_configs(work, model.config, dtype, special)
         _write_weights(reader, prefix, model, work, TORCH_DTYPES[dtype], shard_bytes)
+        _give_default_permissions(work)
         _move_into_place(work, output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return output
+
+
+def _give_default_permissions(directory: Path) -> None:
+    """The permissions the process's umask gives new files and directories (``mkdtemp`` makes
+    its directory 0700 and safetensors writes 0600: a model shared on a cluster must be readable
+    by the team)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def find_model_prefix(reader: DistCheckpointReader) -> str:

@@ -238,6 +238,15 @@ def preprocess(
     out_dir = Path(output_prefix).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     prefixes = {key: f"{output_prefix}_{key}_document" for key in json_keys}
+    existing = [
+        p for p in prefixes.values() if Path(p + ".bin").exists() or Path(p + ".idx").exists()
+    ]
+    if existing:
+        logger.warning(
+            "replacing the existing dataset(s) %s; a run that trained on them will refuse to "
+            "resume on the new content (unless it allows data.data_path to change)",
+            ", ".join(existing),
+        )
     scratch = tempfile.mkdtemp(prefix=Path(output_prefix).name + ".parts-", dir=out_dir)
     settings = _WorkerSettings(
         tokenizer_type,

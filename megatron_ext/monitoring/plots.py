@@ -223,5 +223,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> PlotRepo
         plot_layers(layer_records, out / "layers.png", run_dir.resolve().name)
         report.written.append(out / "layers.png")
     else:
-        report.notes.append("no per-layer statistics (monitoring.activation_stats_interval=0?)")
+        report.notes.append(
+            "no per-layer statistics (monitoring.activation_stats_interval is 0, or the run "
+            "ended before its first interval)"
+        )
     return report

@@ -19,6 +19,7 @@ vocabulary has none).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -107,6 +108,10 @@ class SentencePieceTokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
+    def fingerprint(self) -> dict:
+        """What the tokenizer is, whatever file it was read from: the model it loaded."""
+        return _fingerprint(type(self).__name__, self._sp.serialized_model_proto())
+
 
 class HuggingFaceTokenizer:
     """A Hugging Face fast tokenizer, used without adding special tokens around the text."""
@@ -170,6 +175,16 @@ class HuggingFaceTokenizer:
 
     def detokenize(self, ids: Any) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def fingerprint(self) -> dict:
+        """What the tokenizer is, whatever files it was read from: the tokenizer it loaded and
+        the special ids its config chose."""
+        specials = json.dumps([self.eod, self.bos, self.pad]).encode()
+        return _fingerprint(type(self).__name__, self._backend.to_str().encode() + specials)
+
+
+def _fingerprint(kind: str, content: bytes) -> dict:
+    return {"version": 1, "type": kind, "sha256": hashlib.sha256(content).hexdigest()}
 
 
 def load_tokenizer(

@@ -26,6 +26,7 @@ import torch
 from megatron_ext.checkpoint.background import BackgroundSaves
 from megatron_ext.checkpoint.manager import load_checkpoint, save_checkpoint
 from megatron_ext.checkpoint.preemption import PreemptionHandler
+from megatron_ext.config.errors import ConfigError, Problem
 from megatron_ext.config.loader import save_config, to_dict
 from megatron_ext.data.batches import get_eval_batches
 from megatron_ext.data.fingerprint import data_fingerprints
@@ -82,6 +83,8 @@ class _Run:
     progress: TrainProgress
     data_fingerprints: list[dict]
     """What each dataset holds (``data.fingerprint``): saved with every checkpoint."""
+    tokenizer_fingerprint: dict | None
+    """What the configured tokenizer is (None without one): saved with every checkpoint."""
     monitor_state: dict | None
     """The checkpoint's monitor state (None: a new run, or a checkpoint without one)."""
 
@@ -99,11 +102,11 @@ def train(cfg: ExperimentConfig) -> TrainSummary:
 
 
 def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
+    tokenizer_fingerprint = _check_tokenizer(cfg)
     run_dir = Path(cfg.run_dir)
     if ctx.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    _check_tokenizer(cfg)
     streams = build_token_streams(cfg.data)
     # Rank 0 reads them (a few hundred small reads per dataset, whatever its size) and every
     # rank takes its answer, or its error, so that all ranks agree on a resume's check.
@@ -129,6 +132,7 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
         to_dict(cfg),
         default_config_dict=to_dict(type(cfg)()),
         data_fingerprints=fingerprints,
+        tokenizer_fingerprint=tokenizer_fingerprint,
     )
     progress = TrainProgress()
     if run_state is not None:
@@ -143,7 +147,15 @@ def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
             logger.info("resumed at step %d (%d tokens)", progress.step, progress.consumed_tokens)
     monitor_state = None if run_state is None else run_state.get("monitor")
     return _Run(
-        ctx, ddp_chunks, optimizer, scheduler, streams, progress, fingerprints, monitor_state
+        ctx,
+        ddp_chunks,
+        optimizer,
+        scheduler,
+        streams,
+        progress,
+        fingerprints,
+        tokenizer_fingerprint,
+        monitor_state,
     )
 
 
@@ -153,22 +165,49 @@ def _schedule_change_allowed(cfg: ExperimentConfig) -> bool:
     )
 
 
-def _check_tokenizer(cfg: ExperimentConfig) -> None:
+def _check_tokenizer(cfg: ExperimentConfig) -> dict | None:
+    """The configured tokenizer loads and agrees with the model's vocabulary and the data's
+    end-of-document id (a ConfigError, one line per problem with its fix, otherwise); returns
+    its fingerprint (None without a tokenizer)."""
     if cfg.tokenizer.tokenizer_type == "none":
-        return
+        return None
     from megatron_ext.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.tokenizer.tokenizer_type, cfg.tokenizer.tokenizer_model)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer.tokenizer_type, cfg.tokenizer.tokenizer_model)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            [
+                Problem(
+                    "tokenizer.tokenizer_model",
+                    cfg.tokenizer.tokenizer_model,
+                    f"cannot be loaded as a {cfg.tokenizer.tokenizer_type} tokenizer ({error})",
+                    "point it at the tokenizer the dataset was preprocessed with",
+                )
+            ]
+        ) from error
+    problems = []
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-            f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
+        problems.append(
+            Problem(
+                "model.vocab_size",
+                cfg.model.vocab_size,
+                f"smaller than the tokenizer's {tokenizer.vocab_size} tokens",
+                f"set model.vocab_size={tokenizer.vocab_size}",
+            )
         )
     if cfg.data.eod_token_id is not None and cfg.data.eod_token_id != tokenizer.eod:
-        raise ValueError(
-            f"data.eod_token_id={cfg.data.eod_token_id} but the tokenizer's end-of-document id "
-            f"is {tokenizer.eod}; set data.eod_token_id={tokenizer.eod}"
+        problems.append(
+            Problem(
+                "data.eod_token_id",
+                cfg.data.eod_token_id,
+                f"differs from the tokenizer's end-of-document id {tokenizer.eod}",
+                f"set data.eod_token_id={tokenizer.eod}",
+            )
         )
+    if problems:
+        raise ConfigError(problems)
+    return tokenizer.fingerprint()
 
 
 def _loop(cfg: ExperimentConfig, run: _Run) -> TrainSummary:
@@ -327,6 +366,7 @@ def _save(
     run_state = {
         "progress": progress_state_dict(cfg.schedule, progress, run.ctx.layout.dp),
         "data": run.data_fingerprints,
+        "tokenizer": run.tokenizer_fingerprint,
         "monitor": monitor.state_dict(),
     }
     save_checkpoint(

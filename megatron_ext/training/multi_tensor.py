@@ -94,7 +94,7 @@ def install() -> int:
         current = getattr(module, name, None)
         if current is fallback:
             setattr(module, name, replacement)
-            logger.info("%s.%s: torch _foreach kernels", module.__name__, name)
+            logger.debug("%s.%s: torch _foreach kernels", module.__name__, name)
         using += getattr(module, name, None) is replacement
     return using
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -85,7 +87,14 @@ def test_convert_tools_roundtrip_and_megatron_logits(hf_model, tmp_path, capsys)
     assert json.loads((ckpt / "run_state.json").read_text())["step"] == 0
 
     out = tmp_path / "hf_back"
-    assert _tool("convert_to_hf")(["--checkpoint", str(run), "--output", str(out)]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert _tool("convert_to_hf")(["--checkpoint", str(run), "--output", str(out)]) == 0
+    finally:
+        os.umask(umask)
+    # Readable by the team, as any file the user writes (not mkdtemp's 0700 / safetensors' 0600).
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
     original = load_file(path / "model.safetensors")
     returned = {}
     for file in out.glob("*.safetensors"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -75,26 +76,24 @@ def test_train_tokenizer_reports_bad_config_without_traceback(workdir, tmp_path,
     assert "temperature_alpha=3" in capsys.readouterr().err
 
 
-def test_preprocess_inspect_and_merge(workdir, tmp_path, capsys):
-    rc = tool("preprocess_data")(
-        [
-            "--input",
-            str(workdir / "*.jsonl"),
-            "--output-prefix",
-            str(tmp_path / "ds"),
-            "--tokenizer-type",
-            "HuggingFaceTokenizer",
-            "--tokenizer-model",
-            str(workdir / "tok"),
-            "--append-eod",
-            "--workers",
-            "2",
-            "--partitions",
-            "4",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
+def test_preprocess_inspect_and_merge(workdir, tmp_path, capsys, caplog):
+    argv = [
+        "--input",
+        str(workdir / "*.jsonl"),
+        "--output-prefix",
+        str(tmp_path / "ds"),
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        str(workdir / "tok"),
+        "--append-eod",
+        "--workers",
+        "2",
+        "--partitions",
+        "4",
+        "--no-progress",
+    ]
+    assert tool("preprocess_data")(argv) == 0
     out = capsys.readouterr().out
     docs = sum(1 for f in ("train", "heldout") for _ in open(workdir / f"{f}.jsonl"))
     assert f"{docs} documents" in out and "bad input: none" in out
@@ -109,6 +108,12 @@ def test_preprocess_inspect_and_merge(workdir, tmp_path, capsys):
     merged = str(tmp_path / "twice")
     assert tool("merge_datasets")(["--input", prefix, prefix, "--output-prefix", merged]) == 0
     assert len(IndexedDataset(merged)) == 2 * docs
+
+    # Preprocessing into the same prefix again replaces the dataset, and says so.
+    with caplog.at_level(logging.WARNING):
+        assert tool("preprocess_data")(argv) == 0
+    assert f"replacing the existing dataset(s) {prefix}" in caplog.text
+    assert len(IndexedDataset(prefix)) == docs
 
 
 def test_preprocess_errors_are_messages(workdir, tmp_path, capsys):

@@ -270,3 +270,22 @@ def test_fingerprints_of_another_version_fall_back_to_paths(caplog):
     moved = _changed(data__data_path=["/nvme/a", "/nvme/b"])
     with pytest.raises(ConfigError):
         check_config_change(SAVED, moved, [], "x", data=(older, current))
+
+
+def test_the_same_tokenizer_at_another_path_resumes(caplog):
+    saved = {
+        **SAVED,
+        "tokenizer": {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": "/a/tok"},
+    }
+    moved = copy.deepcopy(saved)
+    moved["tokenizer"]["tokenizer_model"] = "/b/tok"
+    ours = {"version": 1, "type": "SentencePieceTokenizer", "sha256": "0" * 64}
+    other = {**ours, "sha256": "1" * 64}
+    with caplog.at_level(logging.INFO):
+        assert check_config_change(saved, moved, [], "x", tokenizer=(ours, dict(ours))) == {}
+    assert "the same tokenizer from another place: '/a/tok' -> '/b/tok'" in caplog.text
+    # Another tokenizer, or a checkpoint that recorded none: the path decides.
+    for recorded in ((ours, other), (None, ours)):
+        with pytest.raises(ConfigError) as info:
+            check_config_change(saved, moved, [], "x", tokenizer=recorded)
+        assert info.value.fields() == ["tokenizer.tokenizer_model"]

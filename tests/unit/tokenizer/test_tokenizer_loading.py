@@ -98,3 +98,24 @@ def test_load_errors_name_the_problem(tmp_path):
         load_tokenizer("SentencePieceTokenizer", str(tmp_path))
     with pytest.raises(ValueError, match="does not exist"):
         load_tokenizer("HuggingFaceTokenizer", str(tmp_path / "missing"))
+
+
+def test_fingerprint_follows_the_tokenizer_not_its_path(corpus, tmp_path):
+    import shutil
+
+    cfg = TokenizerTrainingConfig(vocab_size=1200, num_threads=1, compare_unbalanced=False)
+    model = train_tokenizer(str(corpus / "train.jsonl"), tmp_path / "tok", cfg).model_path
+    copied = tmp_path / "elsewhere" / "tokenizer.model"
+    copied.parent.mkdir()
+    shutil.copyfile(model, copied)
+    spm = load_tokenizer("SentencePieceTokenizer", model).fingerprint()
+    assert load_tokenizer("SentencePieceTokenizer", str(copied.parent)).fingerprint() == spm
+    smaller = TokenizerTrainingConfig(vocab_size=1000, num_threads=1, compare_unbalanced=False)
+    other = train_tokenizer(str(corpus / "train.jsonl"), tmp_path / "tok2", smaller).model_path
+    assert load_tokenizer("SentencePieceTokenizer", other).fingerprint() != spm
+
+    export_hf_tokenizer(model, tmp_path / "hf")
+    shutil.copytree(tmp_path / "hf", tmp_path / "hf_copy")
+    hf = load_tokenizer("HuggingFaceTokenizer", str(tmp_path / "hf")).fingerprint()
+    assert load_tokenizer("HuggingFaceTokenizer", str(tmp_path / "hf_copy")).fingerprint() == hf
+    assert hf != spm and hf["type"] == "HuggingFaceTokenizer"

@@ -32,7 +32,7 @@ def _run(tmp_path, eod_mask_loss: bool, reset_position_ids: bool):
     cfg.training.eval_iters = 2
     ctx = ParallelContext(ParallelLayout(world_size=1, tp=1, pp=1), "cpu", 0, 0, 0, 0, 0)
     streams = build_token_streams(cfg.data)
-    return cfg, loop._Run(ctx, [], None, None, streams, TrainProgress(), [], None)
+    return cfg, loop._Run(ctx, [], None, None, streams, TrainProgress(), [], None, None)
 
 
 def _expected(tokens: torch.Tensor, eod_mask_loss: bool, reset_position_ids: bool):
