@@ -267,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
             spec = spec_from_slurm(environ, train_args, nproc, nproc_reason, port, args.entry)
         else:
             host, _, endpoint_port = (args.rdzv_endpoint or "127.0.0.1").partition(":")
+            rendezvous = (
+                "given"
+                if args.rdzv_endpoint
+                else "this machine, "
+                + ("the given port" if port else "a free port")
+                + " (one node, no --rdzv-endpoint)"
+            )
             if not (endpoint_port or port):
                 # One node of its own: a free port, so that two jobs on one machine (two 4-GPU
                 # jobs on an 8-GPU node) do not both take 29500.
@@ -279,12 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 rdzv_id=args.rdzv_id or environ.get("SLURM_JOB_ID", "megatron_ext"),
                 train_args=train_args,
                 entry=args.entry,
-                reasons={
-                    "nproc_per_node": nproc_reason,
-                    "rendezvous": "given"
-                    if args.rdzv_endpoint
-                    else "this machine, a free port (one node, no --rdzv-endpoint)",
-                },
+                reasons={"nproc_per_node": nproc_reason, "rendezvous": rendezvous},
             )
         spec.shutdown_timeout = args.shutdown_timeout
         spec.max_restarts = args.max_restarts

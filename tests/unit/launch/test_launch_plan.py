@@ -138,3 +138,16 @@ def test_node_rank_outside_the_job_is_refused_before_starting(monkeypatch, capsy
         == 2
     )
     assert "SLURM_NODEID; it is not set" in capsys.readouterr().err
+
+
+def test_single_node_dry_run_says_which_port_it_takes(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "exp.yaml"
+    config.write_text("parallel:\n  tensor_model_parallel_size: 1\n")
+    argv = ["--dry-run", "--nproc-per-node", "1", "--", "--config", str(config)]
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert plan.main(argv) == 0
+    assert "this machine, a free port" in capsys.readouterr().out
+    monkeypatch.setenv("MASTER_PORT", "29123")
+    assert plan.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "this machine, the given port" in out and "127.0.0.1:29123" in out
