@@ -57,9 +57,16 @@ def summarise(times_us: dict[str, float], steps: int, top: int = 40) -> dict:
     }
 
 
-def idle_gaps(
-    intervals: list[tuple[float, float, str]], steps: int, top: int = 8, name_chars: int = 60
-) -> dict:
+def short_name(kernel_name: str, chars: int = 80) -> str:
+    """A kernel's name without ``void``, the ``at::native`` and anonymous namespaces, cut to
+    ``chars``: long enough that kernels of one template with other functors stay apart."""
+    name = kernel_name.removeprefix("void ")
+    for noise in ("at::native::", "(anonymous namespace)::"):
+        name = name.replace(noise, "")
+    return name[:chars]
+
+
+def idle_gaps(intervals: list[tuple[float, float, str]], steps: int, top: int = 8) -> dict:
     """Idle time between ``(start_us, end_us, name)`` intervals (kernels; several streams may
     overlap), per step: the span from the first start to the last end, the time no interval
     covers, and the ``top`` groups of gaps by (the interval that ended last before the gap, the
@@ -73,7 +80,7 @@ def idle_gaps(
     groups: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
     for start, end, name in ordered[1:]:
         if start > busy_until:
-            group = groups[(last_name[:name_chars], name[:name_chars])]
+            group = groups[(short_name(last_name), short_name(name))]
             group[0] += 1
             group[1] += start - busy_until
         if end >= busy_until:

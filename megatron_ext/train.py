@@ -113,7 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     except ConfigError as exc:
         _report(exc)
-        if args.dry_run and not args.world_size and "WORLD_SIZE" not in os.environ:
+        layout_problem = any(field.startswith("parallel.") for field in exc.fields())
+        if (
+            args.dry_run
+            and layout_problem
+            and not args.world_size
+            and "WORLD_SIZE" not in os.environ
+        ):
             print(
                 "note: the dry run planned for 1 process; pass --world-size N to plan for N",
                 file=sys.stderr,

@@ -16,8 +16,8 @@ fingerprints (``data.fingerprint``): other paths to the same content (the files 
 elsewhere) are accepted and logged, and a dataset whose content changed under its path is refused
 as a change of ``data.data_path``. The tokenizer likewise: when the checkpoint recorded its
 fingerprint (``Tokenizer.fingerprint``), the same tokenizer read from another path is accepted
-and logged (the tokens are in the datasets; the tokenizer is checked against them and exported
-with the model).
+and logged, and another tokenizer under the same path is logged as a warning (the tokens are in
+the datasets; the tokenizer is checked against them and exported with the model).
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def check_config_change(
     dataset fingerprints (None when it recorded none) and the current ones, one per
     ``data.data_path`` entry; compared when the ``data`` section is. ``tokenizer``: the
     checkpoint's tokenizer fingerprint and the current one (None where there is none); equal
-    ones make a changed ``tokenizer.tokenizer_model`` a move, not a change.
+    ones make a changed ``tokenizer.tokenizer_model`` a move, not a change, and different ones
+    under the same path are logged as a warning.
     """
     changes = diff_configs(saved, current)
     if only_sections is not None:
@@ -131,10 +132,12 @@ def check_config_change(
         rewritten = _rewritten_datasets(data[0], data[1], paths, checkpoint, log)
         if rewritten == [] and DATA_PATH in changes:
             moved = changes.pop(DATA_PATH)
-    moved_tokenizer = None
-    if tokenizer is not None and TOKENIZER_PATH in changes and tokenizer[0] is not None:
-        if tokenizer[0] == tokenizer[1]:
+    moved_tokenizer, retrained = None, False
+    compare_tokenizer = only_sections is None or _covered(TOKENIZER_PATH, only_sections)
+    if compare_tokenizer and tokenizer is not None and None not in tokenizer:
+        if TOKENIZER_PATH in changes and tokenizer[0] == tokenizer[1]:
             moved_tokenizer = changes.pop(TOKENIZER_PATH)
+        retrained = TOKENIZER_PATH not in changes and tokenizer[0] != tokenizer[1]
     refused = [
         (key, new, f"differs from {old!r} in the checkpoint {checkpoint}")
         for key, (old, new) in changes.items()
@@ -156,6 +159,14 @@ def check_config_change(
         if moved_tokenizer is not None:
             logger.info(
                 "resume reads the same tokenizer from another place: %r -> %r", *moved_tokenizer
+            )
+        if retrained:
+            logger.warning(
+                "the tokenizer at %r is not the one the checkpoint %s was trained with: training "
+                "reads its tokens from the datasets, but the Hugging Face export will ship this "
+                "tokenizer",
+                current.get("tokenizer", {}).get("tokenizer_model"),
+                checkpoint,
             )
     return changes
 

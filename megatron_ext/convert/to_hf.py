@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -96,14 +97,31 @@ def convert_to_hf(
 
 
 def _give_default_permissions(directory: Path) -> None:
-    """The permissions the process's umask gives new files and directories (``mkdtemp`` makes
-    its directory 0700 and safetensors writes 0600: a model shared on a cluster must be readable
-    by the team)."""
-    umask = os.umask(0)
+    """The permissions the user's umask gives new files and directories, and the parent's
+    set-group-ID bit (a group-shared directory): ``mkdtemp`` makes its directory 0700 and
+    safetensors writes 0600, which would hide the model from the team. A filesystem that
+    refuses the change leaves the export as written, with a warning."""
+    umask = _umask()
+    setgid = directory.parent.stat().st_mode & stat.S_ISGID
+    try:
+        directory.chmod((0o777 & ~umask) | setgid)
+        for path in directory.rglob("*"):
+            path.chmod((0o777 & ~umask) | setgid if path.is_dir() else 0o666 & ~umask)
+    except OSError as error:
+        logger.warning("the export keeps the permissions it was written with: %s", error)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    return umask
 
 
 def find_model_prefix(reader: DistCheckpointReader) -> str:

@@ -58,8 +58,8 @@ class ModelConfig:
     """Chunked cross-entropy, no fp32 copy of the logits; auto: on for local layers on CUDA."""
     wgrad_fusion: Literal["auto", "on", "off"] = "off"
     """Local layers: weight-gradient GEMMs accumulate straight into DDP's fp32 main_grad (no bf16
-    gradient, no separate add); auto: on for local layers on CUDA. Off by default: no faster on
-    an H100 (the GEMMs with the fp32 addend take longer; docs/performance.md)."""
+    gradient, no separate add); auto: on for local layers on CUDA. Off by default: no clear gain
+    measured on an H100 (the GEMMs with the fp32 addend take longer; docs/performance.md)."""
 
     def validate(self, problems: ProblemCollector, tp: int, pp: int, vpp: int | None) -> None:
         # Invalid degrees are reported by ParallelConfig; check divisibility against 1 instead.

@@ -102,7 +102,7 @@ def train(cfg: ExperimentConfig) -> TrainSummary:
 
 
 def _setup(cfg: ExperimentConfig, ctx: ParallelContext) -> _Run:
-    tokenizer_fingerprint = _check_tokenizer(cfg)
+    tokenizer_fingerprint = _tokenizer_on_rank0(cfg, ctx.rank)
     run_dir = Path(cfg.run_dir)
     if ctx.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +165,23 @@ def _schedule_change_allowed(cfg: ExperimentConfig) -> bool:
     )
 
 
+def _tokenizer_on_rank0(cfg: ExperimentConfig, rank: int) -> dict | None:
+    """Rank 0 checks the tokenizer (``_check_tokenizer``) and every rank takes its fingerprint or
+    its problems, so that all ranks stop with the same message (training reads tokens, not the
+    tokenizer, so the other ranks need no copy of its files)."""
+
+    def check() -> tuple[dict | None, list[Problem]]:
+        try:
+            return _check_tokenizer(cfg), []
+        except ConfigError as error:
+            return None, error.problems
+
+    fingerprint, problems = on_rank0(rank, check, RuntimeError)
+    if problems:
+        raise ConfigError(problems)
+    return fingerprint
+
+
 def _check_tokenizer(cfg: ExperimentConfig) -> dict | None:
     """The configured tokenizer loads and agrees with the model's vocabulary and the data's
     end-of-document id (a ConfigError, one line per problem with its fix, otherwise); returns
@@ -175,7 +192,7 @@ def _check_tokenizer(cfg: ExperimentConfig) -> dict | None:
 
     try:
         tokenizer = load_tokenizer(cfg.tokenizer.tokenizer_type, cfg.tokenizer.tokenizer_model)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - a wrong file fails in many ways (RuntimeError, ...)
         raise ConfigError(
             [
                 Problem(

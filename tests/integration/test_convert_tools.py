@@ -86,14 +86,17 @@ def test_convert_tools_roundtrip_and_megatron_logits(hf_model, tmp_path, capsys)
     assert section["num_query_groups"] == 2
     assert json.loads((ckpt / "run_state.json").read_text())["step"] == 0
 
-    out = tmp_path / "hf_back"
+    shared = tmp_path / "shared"  # a group-shared directory: set-group-ID
+    shared.mkdir()
+    shared.chmod(0o2775)
+    out = shared / "hf_back"
     umask = os.umask(0o022)
     try:
         assert _tool("convert_to_hf")(["--checkpoint", str(run), "--output", str(out)]) == 0
     finally:
         os.umask(umask)
-    # Readable by the team, as any file the user writes (not mkdtemp's 0700 / safetensors' 0600).
-    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    # As any file the user writes (not mkdtemp's 0700 / safetensors' 0600), in the group's folder.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o2755
     assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
     original = load_file(path / "model.safetensors")
     returned = {}

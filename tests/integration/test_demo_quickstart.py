@@ -40,3 +40,9 @@ def test_quickstart_chain_trains_and_loss_falls(tmp_path):
     assert (work / "tokenizer/tokenizer.json").exists()
     assert list((work / "run/checkpoints").glob("iter_0000060"))
     assert "=== 6. summary" in result.stdout
+    # The checkpoint knows its tokenizer by content: a copied work directory resumes.
+    from megatron_ext.tokenizer import load_tokenizer
+
+    state = json.loads((work / "run/checkpoints/iter_0000060/run_state.json").read_text())
+    tokenizer = load_tokenizer("SentencePieceTokenizer", str(work / "tokenizer"))
+    assert state["tokenizer"] == tokenizer.fingerprint()

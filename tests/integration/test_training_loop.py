@@ -188,3 +188,30 @@ def test_recipe_at_reduced_size_runs_with_every_feature(token_dataset, tmp_path)
         "iter_0000002",
         "iter_0000004",
     ]
+
+
+def _run_catching_config_errors(rank: int, overrides: list[str]):
+    from megatron_ext.config.errors import ConfigError
+
+    try:
+        return {"summary": _run(rank, overrides, None)}
+    except ConfigError as error:
+        return {"fields": error.fields(), "message": str(error)}
+
+
+def test_a_tokenizer_problem_stops_every_rank_before_anything_is_written(token_dataset, tmp_path):
+    # Rank 0 reads the tokenizer; rank 1 stops with the same problem instead of waiting for it.
+    run_dir = tmp_path / "run"
+    extra = [
+        "--tokenizer.tokenizer_type=SentencePieceTokenizer",
+        f"--tokenizer.tokenizer_model={tmp_path / 'no_tokenizer_here'}",
+        "--schedule.global_batch_size=2",
+        "--schedule.micro_batch_size=1",
+        "--schedule.train_steps=4",
+    ]
+    outcomes = run_on_local_processes(
+        _run_catching_config_errors, 2, _overrides(token_dataset, run_dir, extra)
+    )
+    assert [o.get("fields") for o in outcomes] == [["tokenizer.tokenizer_model"]] * 2
+    assert "no model file" in outcomes[1]["message"]
+    assert not run_dir.exists()

@@ -289,3 +289,14 @@ def test_the_same_tokenizer_at_another_path_resumes(caplog):
         with pytest.raises(ConfigError) as info:
             check_config_change(saved, moved, [], "x", tokenizer=recorded)
         assert info.value.fields() == ["tokenizer.tokenizer_model"]
+    # Another tokenizer under the same path: training goes on (its tokens are in the datasets),
+    # with a warning that the export would ship it.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert check_config_change(saved, saved, [], "ckpt", tokenizer=(ours, other)) == {}
+    assert "the tokenizer at '/a/tok' is not the one the checkpoint ckpt" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_config_change(saved, saved, [], "ckpt", tokenizer=(ours, dict(ours)))
+        check_config_change(saved, saved, [], "ckpt", tokenizer=(None, other))
+    assert "tokenizer" not in caplog.text

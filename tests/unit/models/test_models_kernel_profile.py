@@ -11,6 +11,7 @@ from benchmarks.kernel_profile import (
     idle_gaps,
     markdown_lines,
     profile_steps,
+    short_name,
     summarise,
 )
 
@@ -111,3 +112,19 @@ def test_profile_steps_on_cpu_reports_operator_time_and_gaps():
     records = [{"variant": "megatron_ext", "shape": "8x1", "step_s_mean": 0.01, "profile": out}]
     text = "\n".join(markdown_lines(records))
     assert "Idle time between kernels" in text and "- megatron_ext at 8x1:" in text
+
+
+def test_short_names_keep_kernels_of_one_template_apart():
+    fused = (
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::"
+        "(anonymous namespace)::FusedOptimizerTensorListMetadata<4>, at::native::(anonymous "
+        "namespace)::FusedAdamMathFunctor<float, 4, (at::native::ADAM_MODE)1, false>>"
+    )
+    norm = (
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::"
+        "(anonymous namespace)::TensorListMetadata<1>, at::native::LpNormFunctor<float, "
+        "(at::native::NormType)1, float, 1, 1, 0>, float>"
+    )
+    assert short_name(fused) != short_name(norm)
+    assert short_name(norm).startswith("multi_tensor_apply_kernel<TensorListMetadata<1>, LpNorm")
+    assert short_name("triton_poi_fused_add_0") == "triton_poi_fused_add_0"
